@@ -1,0 +1,15 @@
+"""Data curation: raw company documents -> a clean, deduplicated, PII-redacted, documented dataset.
+
+    from components.curate import CurateConfig, curate
+    result = curate(["docs/", "s3://bucket/prefix"], "out/data", CurateConfig())
+
+One module per job: readers (inputs), normalize (decoding + text cleanup), markup (HTML), filters
+(quality heuristics), dedup (exact + MinHash LSH), pii (redaction), split (stable assignment),
+output (JSONL shards), datacard (accounting), process (per-document work in the workers),
+pipeline (orchestration). The `lmforge curate` command and the KFP component both call `curate`.
+"""
+
+from components.curate.config import CurateConfig
+from components.curate.pipeline import CurateResult, curate
+
+__all__ = ["CurateConfig", "CurateResult", "curate"]

@@ -1,0 +1,82 @@
+"""HTML -> plain text with the standard library's tolerant `html.parser`.
+
+Keeps what a reader sees: text of the body, paragraph/heading/list/table structure as line breaks,
+`<pre>` blocks verbatim (code samples keep their indentation), entities decoded. Drops what a reader
+does not see: scripts, styles, templates, comments, the document head except its <title>.
+Malformed markup never raises; unclosed tags are simply ended by the end of input.
+"""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+_SKIP = {"script", "style", "noscript", "template", "svg", "head", "iframe", "object"}
+_BLOCK = {
+    "p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "section", "article", "header",
+    "footer", "nav", "aside", "main", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+    "title", "figure", "figcaption", "form", "fieldset", "address", "details", "summary", "caption",
+}
+_SPACES = re.compile(r"[ \t\r\n\f]+")
+_BREAK_SPACES = re.compile(r" *\n *")
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[tuple[str, bool]] = []  # (text, verbatim?)
+        self.skip_depth = 0  # inside <script>, <style>, ...
+        self.pre_depth = 0  # inside <pre>: whitespace is content
+        self.in_title = False
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag == "title":
+            self.in_title = True
+        elif tag == "body":
+            self.skip_depth = 0  # an unclosed <head> ends where the body starts
+        elif tag in _SKIP:
+            self.skip_depth += 1
+        if tag == "pre":
+            self.pre_depth += 1
+        if tag in _BLOCK:
+            self.parts.append(("\n", False))
+        elif tag == "td" or tag == "th":
+            self.parts.append((" ", False))
+
+    def handle_startendtag(self, tag: str, attrs) -> None:
+        if tag in _BLOCK:
+            self.parts.append(("\n", False))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "title":
+            self.in_title = False
+        elif tag in _SKIP and self.skip_depth:
+            self.skip_depth -= 1
+        if tag == "pre" and self.pre_depth:
+            self.pre_depth -= 1
+        if tag in _BLOCK:
+            self.parts.append(("\n", False))
+
+    def handle_data(self, data: str) -> None:
+        if self.skip_depth and not self.in_title:
+            return
+        self.parts.append((data, True) if self.pre_depth else (_SPACES.sub(" ", data), False))
+
+
+def html_to_text(html: str) -> str:
+    parser = _TextExtractor()
+    parser.feed(html)
+    parser.close()
+    # Outside <pre>, block boundaries became "\n" and spaces next to them are layout, not content;
+    # <pre> text is joined verbatim.
+    out: list[str] = []
+    flow: list[str] = []
+    for text, verbatim in parser.parts:
+        if verbatim:
+            out.append(_BREAK_SPACES.sub("\n", "".join(flow)))
+            flow = []
+            out.append(text)
+        else:
+            flow.append(text)
+    out.append(_BREAK_SPACES.sub("\n", "".join(flow)))
+    return "".join(out)

@@ -1,0 +1,123 @@
+"""Where a training process runs and how it talks to the world outside the loop.
+
+The loop in `loop.py` is the same code in-process and on Ray Train workers; what differs is
+collected here, behind one small class:
+  - rank / world size / device, and the torch.distributed process group (Ray Train creates it on
+    its workers; in-process runs create a one-process gloo group only when FSDP or DeepSpeed need
+    one),
+  - stop requests (SIGTERM in-process; on Ray, a flag the driver sets, see `trainer.py`),
+  - where a checkpoint is staged and how it is published (in-process: an atomic rename inside
+    `<output_dir>/checkpoints` and pruning to the last K; on Ray: `ray.train.report`, which merges
+    every rank's files into one checkpoint directory in the run's storage and keeps the last K),
+  - which checkpoint to start from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from components.pretrain import checkpointing
+
+
+class RunEnv:
+    """In-process environment: one process, world size 1, SIGTERM asks for a checkpoint and a stop."""
+
+    def __init__(self, checkpoints_dir: str | os.PathLike, keep_last: int, resume_from: str | os.PathLike | None,
+                 use_gpu: bool = False) -> None:
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.keep_last = keep_last
+        self.resume_from = Path(resume_from) if resume_from else None
+        self._stop = threading.Event()
+        self._owns_group = False
+
+    # ---- process group ----------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def ensure_process_group(self, backend: str) -> None:
+        """FSDP and DeepSpeed need a process group even with one process: make a private one."""
+        if self.distributed:
+            return
+        with socket.socket() as s:  # a free local port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=timedelta(minutes=10))
+        self._owns_group = True
+
+    def close(self) -> None:
+        if self._owns_group and self.distributed:
+            dist.destroy_process_group()
+            self._owns_group = False
+
+    # ---- stop requests ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stop_on_sigterm(self) -> Iterator[None]:
+        """While training, SIGTERM (preemption) sets the stop flag instead of killing the process;
+        the loop then writes a checkpoint and returns. Only the main thread may install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._stop.set())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop_requested(self) -> bool:
+        """Whether to checkpoint and stop now. Called by every rank at the same steps; the answer
+        is the same on all ranks (rank 0's view is broadcast), so they stop together."""
+        flag = self._local_stop_flag()
+        if self.world_size == 1 or not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _local_stop_flag(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def stop_check_every(self) -> int | None:
+        """Check for a stop request every step in-process (a local flag costs nothing); on Ray
+        only at log/checkpoint steps, because agreeing needs a collective (see `RayEnv`)."""
+        return 1
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint to restore at startup: an explicit/auto resume path, or nothing."""
+        return self.resume_from
+
+    def staging_dir(self, step: int) -> Path:
+        """An empty directory this rank writes its part of the step's checkpoint into."""
+        path = self.checkpoints_dir / f".tmp-{checkpointing.checkpoint_name(step)}-{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def publish_checkpoint(self, staged: Path, step: int, metrics: dict[str, Any]) -> Path:
+        """Atomically move the staged checkpoint into place, then keep only the last K."""
+        final = self.checkpoints_dir / checkpointing.checkpoint_name(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        checkpointing.prune(self.checkpoints_dir, self.keep_last)
+        return final

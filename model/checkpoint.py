@@ -1,0 +1,173 @@
+"""Model directories: save and load lmforge models in the Hugging Face Llama layout.
+
+A model directory holds `config.json` (Hugging Face LlamaConfig fields), `model.safetensors` (or
+`model.safetensors.index.json` + shards), `generation_config.json` and, when given, the tokenizer
+files. It is loadable by `transformers.AutoModelForCausalLM.from_pretrained` unchanged.
+
+Only safetensors are read: a directory that holds only pickled weights (`*.bin`, `*.pt`, ...) is
+refused, because unpickling executes arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import ModelConfig
+from model.hf_format import from_hf_config, to_hf_config
+from model.transformer import Transformer
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing, incomplete, or holds weights lmforge refuses to load."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+# ---- saving ---------------------------------------------------------------------------------
+def save_model_dir(
+    model: Transformer,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    extra_metadata: dict | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+) -> Path:
+    """Write the model (and tokenizer files) atomically: into a temp dir, then renamed into place.
+
+    `extra_files` maps a name in the directory to a file copied there last (e.g. an imported
+    checkpoint's own generation_config.json, which may list several eos ids)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = model.config
+        state = model.state_dict()
+        if cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)  # stored once, as model.embed_tokens.weight
+        dtype = next(iter(state.values())).dtype
+        tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype_name(dtype)), indent=2) + "\n")
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in generation.items() if v is not None}, indent=2) + "\n")
+        meta = {"format": "lmforge-model/1", "model_config": cfg.to_dict(), **(extra_metadata or {})}
+        (tmp / "lmforge.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    src, dst = Path(src), Path(dst)
+    if not (src / "tokenizer.json").is_file():
+        raise ModelDirError(f"{src} has no tokenizer.json (a Hugging Face fast tokenizer is required)")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+# ---- loading --------------------------------------------------------------------------------
+def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir} is not a model directory: config.json is missing")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelDirError(f"{path} is not valid JSON: {err}") from err
+    return from_hf_config(hf)
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model directory, refusing pickled-only checkpoints."""
+    d = Path(model_dir)
+    index = d / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            raise ModelDirError(f"{d}: shard(s) named in {WEIGHTS_INDEX_NAME} are missing: {', '.join(missing)}")
+        return [d / s for s in shards]
+    if (d / WEIGHTS_NAME).is_file():
+        return [d / WEIGHTS_NAME]
+    pickled = sorted(p.name for p in d.iterdir() if p.suffix in PICKLED_SUFFIXES) if d.is_dir() else []
+    if pickled:
+        raise ModelDirError(
+            f"{d} holds only pickled weights ({', '.join(pickled)}); lmforge loads safetensors only, because "
+            "unpickling can execute code. Convert them once in a trusted environment, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
+        )
+    raise ModelDirError(f"{d} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+
+
+def load_state_dict(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                state[name] = f.get_tensor(name)
+    return state
+
+
+def load_model_dir(
+    model_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """Build the model on the meta device and assign the stored tensors (no double allocation)."""
+    cfg = read_config(model_dir)
+    state = load_state_dict(model_dir, device)
+    if cfg.tie_embeddings:
+        head = state.pop("lm_head.weight", None)
+        if head is not None and not torch.equal(head, state.get("model.embed_tokens.weight", head)):
+            raise ModelDirError(f"{model_dir}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelDirError(
+            f"{model_dir}: weights do not match config.json "
+            f"(missing: {missing[:5] or 'none'}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {unexpected[:5] or 'none'}{'...' if len(unexpected) > 5 else ''})"
+        )
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary.reset_tables(device)
+    return model.eval()
