@@ -64,7 +64,7 @@ def build(cls: type[T], data: dict[str, Any]) -> T:
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{where}: {msg}" if e["type"] != "extra_forbidden" else f"{where}: unknown field")
+            problems.append(f"{where}: {msg}" if e["type"] not in ("extra_forbidden", "unexpected_keyword_argument") else f"{where}: unknown field")
         raise ConfigError("invalid config: " + "; ".join(problems)) from None
 
 

@@ -410,7 +410,7 @@ class EngineDriver:
                     streams, self._streams = list(self._streams.values()), {}
                 for stream in streams:
                     stream._deliver(err)
-                raise
+                return  # the engine's state is unknown now; later submits are refused with the error
             with self._streams_lock:
                 for event in events:
                     stream = self._streams.get(event.request_id)

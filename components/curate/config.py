@@ -8,6 +8,7 @@ as "not prose", so the character-level thresholds are looser than Gopher's web-t
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,9 +61,12 @@ class NormalizeConfig:
 
     unicode_form: Literal["NFC", "NFKC"] = "NFC"
     # Bytes that are not valid UTF-8: if at most this fraction of a document's bytes is invalid, the
-    # invalid sequences are dropped (a few corrupt bytes); otherwise the encoding is detected
-    # (if detect_encoding) or the document is rejected as `undecodable`.
+    # invalid sequences are dropped (a few corrupt bytes); otherwise a mostly-ASCII document is read as
+    # `legacy_encoding` (the usual Western legacy code page; statistical detection confuses it with
+    # e.g. mac_latin2 on short texts), anything else is detected (if detect_encoding) or rejected as
+    # `undecodable`.
     max_invalid_utf8_fraction: float = 0.001
+    legacy_encoding: str | None = "cp1252"
     detect_encoding: bool = True
     # A file whose first 8 KiB holds a NUL byte, or more than this fraction of other control bytes,
     # is `binary`.
@@ -71,6 +75,11 @@ class NormalizeConfig:
 
     def __post_init__(self) -> None:
         _check_fraction("normalize", "max_invalid_utf8_fraction", self.max_invalid_utf8_fraction, allow_none=False)
+        if self.legacy_encoding is not None:
+            try:
+                codecs.lookup(self.legacy_encoding)
+            except LookupError:
+                raise ConfigError(f"legacy_encoding {self.legacy_encoding!r} is not a codec Python knows") from None
         _check_fraction("normalize", "binary_control_fraction", self.binary_control_fraction, allow_none=False)
         _check_positive("normalize", "max_consecutive_blank_lines", self.max_consecutive_blank_lines, allow_zero=True)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 
-_SKIP = {"script", "style", "noscript", "template", "svg", "head", "iframe", "object"}
+_SKIP = {"script", "style", "noscript", "template", "svg", "iframe", "object"}
+_HEAD_ONLY = {"title", "meta", "link", "base", "style", "script", "noscript", "template", "head", "html"}
 _BLOCK = {
     "p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "section", "article", "header",
     "footer", "nav", "aside", "main", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
@@ -28,12 +29,15 @@ class _TextExtractor(HTMLParser):
         self.skip_depth = 0  # inside <script>, <style>, ...
         self.pre_depth = 0  # inside <pre>: whitespace is content
         self.in_title = False
+        self.in_head = False  # text in <head> is not shown, except the <title>
 
     def handle_starttag(self, tag: str, attrs) -> None:
+        if tag == "head":
+            self.in_head = True
+        elif tag not in _HEAD_ONLY:
+            self.in_head = False  # like browsers: the first body element ends an unclosed <head>
         if tag == "title":
             self.in_title = True
-        elif tag == "body":
-            self.skip_depth = 0  # an unclosed <head> ends where the body starts
         elif tag in _SKIP:
             self.skip_depth += 1
         if tag == "pre":
@@ -48,6 +52,8 @@ class _TextExtractor(HTMLParser):
             self.parts.append(("\n", False))
 
     def handle_endtag(self, tag: str) -> None:
+        if tag == "head":
+            self.in_head = False
         if tag == "title":
             self.in_title = False
         elif tag in _SKIP and self.skip_depth:
@@ -58,7 +64,7 @@ class _TextExtractor(HTMLParser):
             self.parts.append(("\n", False))
 
     def handle_data(self, data: str) -> None:
-        if self.skip_depth and not self.in_title:
+        if (self.skip_depth or self.in_head) and not self.in_title:
             return
         self.parts.append((data, True) if self.pre_depth else (_SPACES.sub(" ", data), False))
 

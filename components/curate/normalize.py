@@ -5,9 +5,11 @@ Decoding policy (documented in the README; thresholds in `NormalizeConfig`):
   2. valid UTF-8 is taken as is;
   3. invalid UTF-8 affecting at most `max_invalid_utf8_fraction` of the bytes: the invalid
      sequences are dropped (a few corrupt bytes must not cost the document);
-  4. otherwise, with `detect_encoding`, the legacy encoding is detected (charset-normalizer) and
-     used, e.g. a cp1252/Latin-1 file keeps its accents;
-  5. otherwise the document is rejected as `undecodable`.
+  4. otherwise, a document of at least 70% ASCII bytes that decodes as `legacy_encoding` (default
+     cp1252, a superset of Latin-1) is read that way: Western text with accents (café, Straße);
+  5. otherwise, with `detect_encoding`, the encoding is detected (charset-normalizer), which is
+     reliable for mostly non-ASCII text (Cyrillic cp1251/KOI8-R, Greek cp1253, ...);
+  6. otherwise the document is rejected as `undecodable`.
 Normalization: newlines unified to "\\n", Unicode NFC (or NFKC), control and invisible format
 characters removed (tab and newline kept), exotic spaces turned into " ", trailing spaces stripped,
 runs of blank lines capped. Leading indentation is content (code samples) and is kept.
@@ -25,6 +27,8 @@ _SNIFF = 8192
 _TEXT_CONTROLS = b"\t\n\r\f\b\x1b"  # control bytes that do occur in real text files
 _CONTROL_BYTES = bytes(b for b in range(32) if b not in _TEXT_CONTROLS) + b"\x7f"
 _NOT_CONTROL = bytes(b for b in range(256) if b not in _CONTROL_BYTES)
+_HIGH_BYTES = bytes(range(128, 256))
+LEGACY_ASCII_SHARE = 0.7
 
 
 def is_binary(data: bytes, control_fraction: float) -> bool:
@@ -41,7 +45,8 @@ def is_binary(data: bytes, control_fraction: float) -> bool:
 
 
 def decode(data: bytes, cfg: NormalizeConfig) -> tuple[str | None, str]:
-    """(text, how) where how is 'utf-8', 'utf-8-repaired', 'utf-16'/'utf-32', or 'detected:<codec>';
+    """(text, how) where how is 'utf-8', 'utf-8-repaired', 'utf-16'/'utf-32', the legacy codec, or
+    'detected:<codec>';
     text is None when the bytes are undecodable under the policy."""
     for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
@@ -60,6 +65,11 @@ def decode(data: bytes, cfg: NormalizeConfig) -> tuple[str | None, str]:
     invalid = repaired.count("\ufffd") - data.count("\ufffd".encode())
     if invalid <= cfg.max_invalid_utf8_fraction * len(data):
         return repaired.replace("\ufffd", ""), "utf-8-repaired"
+    if cfg.legacy_encoding and len(data.translate(None, _HIGH_BYTES)) >= LEGACY_ASCII_SHARE * len(data):
+        try:
+            return data.decode(cfg.legacy_encoding), cfg.legacy_encoding
+        except UnicodeDecodeError:
+            pass
     if cfg.detect_encoding:
         from charset_normalizer import from_bytes
 

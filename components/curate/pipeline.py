@@ -123,6 +123,6 @@ def curate(
         rejections.close()
     files, content_sha = writer.finish()
     card = ledger.finalize(files, content_sha, public_dict(cfg), output_dir,
-                           extra={"sources": {"files": len(sources), "bytes_on_disk": total_bytes, "work_units": len(tasks), "workers": workers}})
+                           extra={"rejections_file": REJECTIONS, "sources": {"files": len(sources), "bytes_on_disk": total_bytes, "work_units": len(tasks), "workers": workers}})
     json_path, md_path = write_datacard(output_dir, card)
     return CurateResult(output_dir, json_path, md_path, {s: [output_dir / f["path"] for f in files[s]] for s in SPLITS}, card)

@@ -195,6 +195,7 @@ class _ResponseStream(io.BufferedReader):
     """A buffered reader over a urllib3 response that releases the connection on close."""
 
     def __init__(self, response) -> None:
+        response.auto_close = False  # else urllib3 closes it at EOF and the buffer sees a "closed file"
         super().__init__(response, buffer_size=CHUNK)
         self._response = response
 

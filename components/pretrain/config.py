@@ -218,6 +218,7 @@ class TrackingSection:
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite under .lmforge/
     experiment: str = "lmforge-pretrain"
     log_every: int = 10  # metrics every N optimizer steps
+    log_model: bool = True  # also copy the final model directory into the MLflow run's artifacts
     # Peak dense bf16 FLOP/s of ONE device, for MFU. None = known GPUs are detected; on CPUs MFU is omitted.
     peak_tflops: float | None = None
 

@@ -82,24 +82,11 @@ class RunEnv:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def stop_requested(self) -> bool:
-        """Whether to checkpoint and stop now. Called by every rank at the same steps; the answer
-        is the same on all ranks (rank 0's view is broadcast), so they stop together."""
-        flag = self._local_stop_flag()
-        if self.world_size == 1 or not self.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def _local_stop_flag(self) -> bool:
+    def stop_requested(self, log_step: bool) -> bool:
+        """Whether to checkpoint and stop after this step. Every rank calls it after every step
+        and gets the same answer. In-process the flag is local and checked every step; on Ray it
+        is polled only on log steps (`RayEnv`), where the ranks agree through one all-reduce."""
         return self._stop.is_set()
-
-    @property
-    def stop_check_every(self) -> int | None:
-        """Check for a stop request every step in-process (a local flag costs nothing); on Ray
-        only at log/checkpoint steps, because agreeing needs a collective (see `RayEnv`)."""
-        return 1
 
     # ---- checkpoints ------------------------------------------------------------------------
     def start_checkpoint(self) -> Path | None:

@@ -1,0 +1,189 @@
+"""Ray Train wiring: run `loop.train` on N workers with a `TorchTrainer`.
+
+    ScalingConfig(num_workers, use_gpu, resources_per_worker)   one process per worker, gloo on
+                                                                CPUs, nccl on GPUs
+    RunConfig(storage_path=<output_dir>, name="checkpoints")    checkpoints land in
+                                                                <output_dir>/checkpoints/step-N
+    FailureConfig(max_failures)                                 a dead worker restarts the group,
+                                                                which resumes from the newest checkpoint
+    CheckpointConfig(num_to_keep=checkpoint.keep_last)
+
+Ray Train remembers the checkpoints of a run directory (its snapshot), so `--resume auto` just
+reuses the directory; `ray.train.get_checkpoint()` inside the workers then returns the newest one,
+as it does after a failure. An explicit `--resume PATH` into a fresh directory is passed to the
+workers and used only while Ray has no checkpoint of its own.
+
+Preemption: SIGTERM to the driver sets a flag in a small actor; rank 0 polls it on log steps and
+the workers agree (one all-reduce), checkpoint, and return. `ray.train.report` is called only with
+checkpoints (each call is a barrier that costs up to RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
+default); metrics go to MLflow directly from rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from components.pretrain import checkpointing
+from components.pretrain.config import PretrainConfig
+from components.pretrain.env import RunEnv
+from components.pretrain.loop import OnStep, train
+from components.pretrain.tracking import open_tracker
+from model.config import ModelConfig
+
+RAY_RUN_NAME = "checkpoints"  # Ray's run directory = <output_dir>/checkpoints
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+# Forwarded to the workers when set in the driver (they may have been started before it was set).
+FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "MLFLOW_S3_ENDPOINT_URL", "DS_ACCELERATOR")
+
+
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """Set by the driver on SIGTERM; polled by rank 0."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def get(self) -> bool:
+        return self.value
+
+
+class RayEnv(RunEnv):
+    """A Ray Train worker: rank and device from the Train context, checkpoints through report()."""
+
+    def __init__(self, cfg: PretrainConfig, resume_from: str | None, stop_flag: Any) -> None:
+        super().__init__(cfg.checkpoints_dir(), cfg.checkpoint.keep_last, resume_from)
+        ctx = ray.train.get_context()
+        self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._stop_flag = stop_flag
+
+    def start_checkpoint(self) -> Path | None:
+        """Ray's newest checkpoint of this run (after a restart), else the --resume checkpoint."""
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return self.resume_from
+        import pyarrow.fs
+
+        if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(ckpt.path)
+        return Path(ckpt.to_directory())  # remote storage (S3): download once
+
+    def stop_requested(self, log_step: bool) -> bool:
+        if not log_step:
+            return False
+        flag = self.rank == 0 and bool(ray.get(self._stop_flag.get.remote(), timeout=60))
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def staging_dir(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"lmforge-{checkpointing.checkpoint_name(step)}-rank{self.rank}-"))
+
+    def publish_checkpoint(self, staged: Path, step: int, metrics: dict[str, Any]) -> None:
+        """Every rank reports its staged part; Ray merges them into <run dir>/step-N."""
+        try:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(staged)),
+                             checkpoint_dir_name=checkpointing.checkpoint_name(step))
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return None
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs."""
+    for key, value in config["env"].items():
+        os.environ.setdefault(key, value)
+    cfg: PretrainConfig = config["cfg"]
+    env = RayEnv(cfg, config["resume_from"], config["stop_flag"])
+    tracking = config["tracking"]
+    tracker = open_tracker(env.rank == 0 and cfg.tracking.enabled, tracking["uri"], tracking["run_id"])
+    train(cfg, config["model_cfg"], env, tracker, info=config["info"], on_step=config["on_step"])
+
+
+@contextlib.contextmanager
+def _sigterm_sets(flag: Any) -> Iterator[None]:
+    """While fit() runs, SIGTERM asks the workers to checkpoint and stop instead of killing the driver."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set.remote())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ensure_ray(cfg: PretrainConfig) -> bool:
+    """Connect to $RAY_ADDRESS / ray.address, or start a local Ray. True if we started it."""
+    if ray.is_initialized():
+        return False
+    repo = str(Path(__file__).resolve().parents[2])  # so workers import model/ and components/
+    pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    return True
+
+
+def run_on_ray(
+    cfg: PretrainConfig,
+    model_cfg: ModelConfig,
+    *,
+    resume_from: Path | None,
+    info: dict[str, Any],
+    tracking: dict[str, str | None],
+    on_step: OnStep | None = None,
+) -> tuple[Path | None, dict[str, Any]]:
+    """Train on Ray; returns (newest checkpoint path, rank 0's last reported metrics)."""
+    started = _ensure_ray(cfg)
+    try:
+        run_dir = cfg.checkpoints_dir()
+        if resume_from is None and checkpointing.find_latest(run_dir) is None:
+            # A previous attempt that never completed a checkpoint: do not let Ray restore its snapshot.
+            (run_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
+        stop_flag = StopFlag.remote()
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={
+                "cfg": cfg, "model_cfg": model_cfg, "resume_from": str(resume_from) if resume_from else None,
+                "info": info, "tracking": tracking, "stop_flag": stop_flag, "on_step": on_step,
+                "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+            },
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                         resources_per_worker=cfg.ray.resources_per_worker or None),
+            torch_config=TorchConfig(backend=cfg.strategy.backend or ("nccl" if cfg.ray.use_gpu else "gloo")),
+            run_config=RunConfig(
+                storage_path=str(Path(cfg.output_dir).resolve()),
+                name=RAY_RUN_NAME,
+                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            ),
+        )
+        with _sigterm_sets(stop_flag):
+            result = trainer.fit()
+        checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
+        if checkpoint is not None and not checkpoint.exists():  # remote storage: fetch it for consolidation
+            checkpoint = Path(result.checkpoint.to_directory())
+        return checkpoint, dict(result.metrics or {})
+    finally:
+        if started:
+            ray.shutdown()

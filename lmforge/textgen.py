@@ -1,0 +1,411 @@
+"""Text in, text out around the token-level generation in `model/`.
+
+`model/` works on token ids only; this module owns everything that needs text:
+- `IncrementalDetokenizer`: turns a stream of token ids into text deltas and never emits a
+  broken multi-byte character (a byte-level token may hold half of one; its text waits for the rest),
+- `StopStrings`: ends the output at the first stop string, holding back text that might be the
+  start of one so that a stop string split across tokens is never shown,
+- `TextDecoder`: both together, one per sequence,
+- `RegexConstraint`: constrained decoding, the output must match a regular expression,
+- `generate_text` / `stream_text` (a model in memory) and `generate_from_dir` (what
+  `lmforge generate` runs: load a model directory, pick beam search / speculative / sampling).
+
+Tokenizers are Hugging Face `tokenizers.Tokenizer` objects (the model directory's tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import regex
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.errors import UserError
+from model.beam_search import BeamSearchParams, beam_search
+from model.generation import SamplingParams, TokenEvent, stream
+
+REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
+EOS_TOKEN_NAMES = ("<|eos|>", "<|endoftext|>", "</s>", "<|end_of_text|>")
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} has no tokenizer.json: text generation needs the model's Hugging Face tokenizer")
+    return Tokenizer.from_file(str(path))
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None = None) -> list[int]:
+    """Token ids of a prompt, starting with the model's bos token when it has one."""
+    ids = tokenizer.encode(text).ids
+    if bos_token_id is not None and (not ids or ids[0] != bos_token_id):
+        ids = [bos_token_id, *ids]
+    if not ids:
+        raise UserError("the prompt is empty and the model has no bos token to start from")
+    return ids
+
+
+def eos_token_ids(tokenizer: Tokenizer, model_eos: int | None) -> tuple[int, ...]:
+    """The model's eos id, else the tokenizer's conventional end-of-text token (if any)."""
+    if model_eos is not None:
+        return (model_eos,)
+    for name in EOS_TOKEN_NAMES:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return (token_id,)
+    return ()
+
+
+# ---- incremental detokenization -------------------------------------------------------------
+class IncrementalDetokenizer:
+    """Text deltas for a growing list of token ids.
+
+    Decodes a short window (a few already-emitted tokens for context, then the new ones) and
+    emits only what the new tokens add, once it no longer ends in U+FFFD (an unfinished UTF-8
+    sequence). Context matters because some decoders render a token differently at the start of
+    a string (e.g. a leading space)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True, context: int = 5) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_ids[-context:]) if context else []
+        self.prefix_offset = 0  # window start: context tokens whose text is already accounted for
+        self.read_offset = len(self.ids)  # tokens before this have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        if len(text) <= len(prefix) or text.endswith(REPLACEMENT_CHAR):
+            return ""  # nothing new yet, or a character still incomplete
+        delta = text[len(prefix) :]
+        # the new tokens become the next context; drop ids no longer needed
+        self.ids = self.ids[self.read_offset :]
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        return delta
+
+    def flush(self) -> str:
+        """At the end: whatever is still held back (an unfinished character shows as U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        self.ids = self.ids[len(self.ids) :]
+        self.prefix_offset = self.read_offset = 0
+        return text[len(prefix) :] if len(text) > len(prefix) else ""
+
+
+class StopStrings:
+    """Cut the output at the first occurrence of any stop string (the stop string is not emitted)."""
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self.stops = tuple(stops)
+        if any(not isinstance(s, str) or not s for s in self.stops):
+            raise UserError(f"stop strings must be non-empty strings, got {list(self.stops)!r}")
+        self.buffer = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """The part of the text so far that is safe to show now."""
+        if self.stopped:
+            return ""
+        self.buffer += text
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buffer, self.stopped = self.buffer[: min(hits)], "", True
+            return out
+        hold = self._held_back()
+        out = self.buffer[: len(self.buffer) - hold]
+        self.buffer = self.buffer[len(out) :]
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the buffer that could begin a stop string."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.buffer)), longest, -1):
+                if self.buffer.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out
+
+
+class TextDecoder:
+    """Token ids in, safe text deltas out, for one sequence: detokenization + stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), stop: Iterable[str] = ()) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stop = StopStrings(stop)
+        self.text = ""
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop.stopped
+
+    def push(self, token_id: int) -> str:
+        delta = self.stop.push(self.detokenizer.push(token_id))
+        self.text += delta
+        return delta
+
+    def finish(self) -> str:
+        delta = self.stop.push(self.detokenizer.flush()) if not self.stopped else ""
+        delta += self.stop.flush()
+        self.text += delta
+        return delta
+
+
+# ---- regex-constrained decoding -------------------------------------------------------------
+class RegexConstraint:
+    """The generated text must match `pattern` (Python `regex` syntax, matched in full).
+
+    At each step a token is allowed if the text so far plus the token's text can still be
+    extended to a full match (`regex`'s partial matching); eos is allowed once the text is a
+    full match, and when nothing can follow the sequence ends by itself. Tokens are first pruned
+    by their first character, so a step costs one partial match per distinct first character
+    plus one per surviving candidate.
+
+    Built for byte-level BPE tokenizers (lmforge's, GPT-2/Llama-3 style): a token's text is its
+    standalone decoding. Tokens that are not valid UTF-8 on their own (pieces of a multi-byte
+    character) and special tokens are never allowed, so the output is limited to characters
+    that some single token spells out completely."""
+
+    def __init__(self, pattern: str, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
+        try:
+            self.pattern = regex.compile(pattern)
+        except regex.error as err:
+            raise UserError(f"invalid --regex pattern {pattern!r}: {err}") from err
+        self.vocab_size = vocab_size
+        self.eos = [t for t in eos_token_ids if 0 <= t < vocab_size]
+        special = {tok.content for tok in tokenizer.get_added_tokens_decoder().values() if tok.special}
+        self.texts: list[str] = []
+        self.by_first_char: dict[str, list[int]] = {}
+        for token_id in range(vocab_size):
+            piece = tokenizer.id_to_token(token_id)
+            text = "" if piece is None or piece in special else tokenizer.decode([token_id], skip_special_tokens=False)
+            if REPLACEMENT_CHAR in text:
+                text = ""
+            self.texts.append(text)
+            if text:
+                self.by_first_char.setdefault(text[0], []).append(token_id)
+
+    def allowed_tokens(self, generated: Sequence[int]) -> torch.Tensor:
+        text = "".join(self.texts[t] for t in generated if t not in self.eos)
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        allowed = [
+            token_id
+            for first, ids in self.by_first_char.items()
+            if self.pattern.fullmatch(text + first, partial=True)
+            for token_id in ids
+            if self.pattern.fullmatch(text + self.texts[token_id], partial=True)
+        ]
+        if self.eos and self.pattern.fullmatch(text):
+            allowed.extend(self.eos)
+        if allowed:
+            mask[torch.tensor(allowed)] = True
+        return mask
+
+
+# ---- text-level generation ------------------------------------------------------------------
+@dataclass
+class TextResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop token or stop string), "length", "cancelled"
+    prompt_tokens: int
+    time_to_first_token_s: float | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens per second after the first one (the prefill is in time_to_first_token_s)."""
+        if self.time_to_first_token_s is None or len(self.token_ids) < 2:
+            return None
+        decode_time = self.elapsed_s - self.time_to_first_token_s
+        return (len(self.token_ids) - 1) / decode_time if decode_time > 0 else None
+
+
+def stream_events_as_text(
+    events: Iterator[TokenEvent], decoder: TextDecoder, on_text: Callable[[str], None] | None = None
+) -> tuple[list[int], str, float | None]:
+    """Feed one sequence's token events through `decoder` until it finishes or hits a stop string.
+    Returns (token ids, finish reason, seconds to the first token); closes the event stream."""
+    start = time.perf_counter()
+    first: float | None = None
+    tokens: list[int] = []
+    reason = "length"
+    try:
+        for event in events:
+            if event.token_id is not None:
+                if first is None:
+                    first = time.perf_counter() - start
+                tokens.append(event.token_id)
+                delta = decoder.push(event.token_id)
+                if delta and on_text:
+                    on_text(delta)
+                if decoder.stopped:
+                    reason = "stop"
+                    break
+            if event.finish_reason is not None:
+                reason = event.finish_reason
+                break
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # a generator stops its engine; nothing is decoded past a stop string
+    tail = decoder.finish()
+    if tail and on_text:
+        on_text(tail)
+    return tokens, reason, first
+
+
+def stream_text(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    params: SamplingParams | None = None,
+    stop: Iterable[str] = (),
+    constraint=None,
+) -> Iterator[str]:
+    """Yield text deltas for one prompt as they are generated (n must be 1)."""
+    params = params or SamplingParams()
+    if params.n != 1:
+        raise UserError("streaming text supports one sample (n=1); use generate_text for n > 1")
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id)
+    params = _with_eos(params, tokenizer, model)
+    decoder = TextDecoder(tokenizer, prompt_ids, stop)
+    events = stream(model, prompt_ids, params, constraint)
+    try:
+        for event in events:
+            if event.token_id is not None:
+                delta = decoder.push(event.token_id)
+                if delta:
+                    yield delta
+                if decoder.stopped:
+                    break
+        tail = decoder.finish()
+        if tail:
+            yield tail
+    finally:
+        events.close()
+
+
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    params: SamplingParams | None = None,
+    stop: Iterable[str] = (),
+    constraint=None,
+    on_text: Callable[[str], None] | None = None,
+) -> TextResult:
+    """Continue a text prompt (one sample); `on_text` receives the deltas as they come."""
+    params = params or SamplingParams()
+    if params.n != 1:
+        raise UserError("generate_text returns one sample (n=1)")
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id)
+    params = _with_eos(params, tokenizer, model)
+    decoder = TextDecoder(tokenizer, prompt_ids, stop)
+    start = time.perf_counter()
+    tokens, reason, first = stream_events_as_text(stream(model, prompt_ids, params, constraint), decoder, on_text)
+    return TextResult(decoder.text, tokens, reason, len(prompt_ids), first, time.perf_counter() - start)
+
+
+def _with_eos(params: SamplingParams, tokenizer: Tokenizer, model: torch.nn.Module) -> SamplingParams:
+    """Stop at the tokenizer's end-of-text token when the model config names no eos."""
+    if model.config.eos_token_id is not None or params.ignore_eos:
+        return params
+    extra = tuple(t for t in eos_token_ids(tokenizer, None) if t not in params.stop_token_ids)
+    if not extra:
+        return params
+    from dataclasses import replace
+
+    return replace(params, stop_token_ids=params.stop_token_ids + extra)
+
+
+# ---- the `lmforge generate` stage -----------------------------------------------------------
+def generate_from_dir(
+    model_dir: str | Path,
+    prompt: str,
+    params: SamplingParams,
+    *,
+    stop: Sequence[str] = (),
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    regex_pattern: str | None = None,
+    draft_model_dir: str | Path | None = None,
+    num_draft_tokens: int = 4,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> TextResult:
+    """Load a model directory and continue `prompt`: beam search if num_beams > 1, speculative
+    decoding if a draft model is given, otherwise sampling (greedy at temperature 0)."""
+    from model.checkpoint import load_model_dir
+
+    if num_beams > 1 and (regex_pattern or draft_model_dir):
+        raise UserError("--num-beams cannot be combined with --regex or --draft-model")
+    if draft_model_dir and regex_pattern:
+        raise UserError("--draft-model cannot be combined with --regex")
+    model = load_model_dir(model_dir, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise UserError(
+            f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+            f"{model.config.vocab_size}; they do not belong together"
+        )
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id)
+    params = _with_eos(params, tokenizer, model)
+    decoder = TextDecoder(tokenizer, prompt_ids, stop)
+    start = time.perf_counter()
+
+    if num_beams > 1:
+        beam = BeamSearchParams(
+            num_beams=num_beams, max_new_tokens=params.max_new_tokens, length_penalty=length_penalty,
+            stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+        )
+        best = beam_search(model, prompt_ids, beam)[0]
+        tokens = list(best.token_ids)
+        first = time.perf_counter() - start  # beam search shows nothing before it is finished
+        for token in tokens:
+            decoder.push(token)
+            if decoder.stopped:
+                break
+        decoder.finish()
+        if on_text and decoder.text:
+            on_text(decoder.text)
+        reason = "stop" if best.finished or decoder.stopped else "length"
+    elif draft_model_dir:
+        from model.speculative import speculative_generate
+
+        draft = load_model_dir(draft_model_dir, device=device, dtype=dtype)
+        out = speculative_generate(model, draft, prompt_ids, params, num_draft_tokens)
+        first = None
+        tokens = []
+        for token in out.token_ids:
+            if first is None:
+                first = time.perf_counter() - start
+            tokens.append(token)
+            delta = decoder.push(token)
+            if delta and on_text:
+                on_text(delta)
+            if decoder.stopped:
+                break
+        tail = decoder.finish()
+        if tail and on_text:
+            on_text(tail)
+        reason = "stop" if decoder.stopped else out.finish_reason
+    else:
+        constraint = None
+        if regex_pattern:
+            constraint = RegexConstraint(regex_pattern, tokenizer, model.config.vocab_size, eos_token_ids(tokenizer, model.config.eos_token_id))
+        tokens, reason, first = stream_events_as_text(stream(model, prompt_ids, params, constraint), decoder, on_text)
+    return TextResult(decoder.text, tokens, reason, len(prompt_ids), first, time.perf_counter() - start)

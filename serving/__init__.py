@@ -1,0 +1,1 @@
+"""Ray Serve application: the OpenAI-compatible HTTP API over the batching engine."""
