@@ -202,6 +202,16 @@ class ServeConfig:
         return self.engine.num_slots + self.engine.max_queue
 
     @property
+    def model_id(self) -> str:
+        """The id clients send as "model": served_model_name, else the registry name or directory name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model.startswith(REGISTRY_SCHEME):
+            rest = self.model[len(REGISTRY_SCHEME):]
+            return rest.partition("@")[0] if "@" in rest else rest.rpartition("/")[0]
+        return os.path.basename(os.path.normpath(self.model))
+
+    @property
     def variants(self) -> dict[str, str]:
         """Variant name -> model source: "a" always, "b" with an A/B test."""
         out = {"a": self.model}

@@ -181,7 +181,7 @@ class CurateConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     s3: S3Config = field(default_factory=S3Config)
     num_workers: int | None = None  # processes; null = all cores
-    task_bytes: int = 4 * MiB  # input bytes per work unit (bounds memory in flight: ~2 units per worker)
+    task_bytes: int = 1 * MiB  # input bytes per work unit (bounds memory in flight: ~2 units per worker)
     shard_bytes: int = 128 * MiB  # output JSONL shard size
 
     def __post_init__(self) -> None:

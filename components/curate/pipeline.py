@@ -62,8 +62,13 @@ def _run_tasks(tasks: list[list[Part]], cfg: CurateConfig, s3: S3Settings | None
         for task in tasks:
             yield proc.run_task(task)
         return
-    # spawn: workers start clean (no inherited threads/locks from tqdm, tokenizers or torch).
-    ctx = mp.get_context("spawn")
+    # forkserver (where available): workers start clean, without inheriting threads or locks of
+    # the caller (tqdm, tokenizers, torch), yet the imports are paid once, in the server, not per worker.
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["components.curate.process"])
+    else:
+        ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=init_worker, initargs=(cfg, s3)) as pool:
         pending: deque = deque()
         todo = iter(tasks)

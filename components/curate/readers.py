@@ -113,17 +113,19 @@ def list_sources(inputs: Sequence[str | os.PathLike], cfg: CurateConfig) -> tupl
             sources.append(Source(str(path.resolve()), path.name, path.stat().st_size, kind, gz, index))
         elif path.is_dir():
             root = path.resolve()
-            found = 0
+            files: list[tuple[str, Path]] = []
             for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in sorted(filenames):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
                     full = Path(dirpath) / name
-                    if name.startswith(".") or not full.is_file():
-                        continue
-                    kind, gz = classify(name, cfg.input.extensions)
-                    doc_id = f"{root.name}/{full.relative_to(root).as_posix()}"
-                    sources.append(Source(str(full), doc_id, full.stat().st_size, kind, gz, index))
-                    found += 1
+                    if not name.startswith(".") and full.is_file():
+                        files.append((full.relative_to(root).as_posix(), full))
+            # Sorted by relative path, exactly like an object store lists keys: the same corpus
+            # read from a folder or from s3:// is processed in the same order (same survivors).
+            for rel, full in sorted(files):
+                kind, gz = classify(full.name, cfg.input.extensions)
+                sources.append(Source(str(full), f"{root.name}/{rel}", full.stat().st_size, kind, gz, index))
+            found = len(files)
             if not found:
                 raise UserError(f"input folder {spec} holds no files")
         else:

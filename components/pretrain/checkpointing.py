@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -272,7 +273,9 @@ def consolidate(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_d
         model = _plain_model(cfg)
         # DCP loads in place into the given tensors, resharding from the saved layout.
         wanted = {"model": model.state_dict()}
-        dcp.load(wanted, checkpoint_id=str(path / "fsdp"), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(wanted, checkpoint_id=str(path / "fsdp"), no_dist=True)
     elif strategy == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -14,7 +14,6 @@ tokens, spread over `ray.num_workers` workers (1 when running in-process), each 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,5 +315,12 @@ def describe(cfg: PretrainConfig) -> str:
         f"{cfg.strategy.name} x{cfg.world_size} ({'in-process' if cfg.local else 'Ray Train'}), {cfg.precision.dtype}, "
         f"{cfg.schedule.max_steps} steps x {cfg.data.global_batch_size} seq x {cfg.data.seq_len} tok "
         f"(micro {cfg.data.micro_batch_size}, accum {cfg.grad_accum_steps}), peak lr {cfg.optim.lr:g}, "
-        f"~{math.ceil(cfg.schedule.max_steps * cfg.tokens_per_step / 1e6):,}M tokens"
+        f"{_count(cfg.schedule.max_steps * cfg.tokens_per_step)} tokens"
     )
+
+
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"

@@ -42,7 +42,6 @@ class RunEnv:
         self.keep_last = keep_last
         self.resume_from = Path(resume_from) if resume_from else None
         self._stop = threading.Event()
-        self._owns_group = False
 
     # ---- process group ----------------------------------------------------------------------
     @property
@@ -50,7 +49,10 @@ class RunEnv:
         return dist.is_available() and dist.is_initialized()
 
     def ensure_process_group(self, backend: str) -> None:
-        """FSDP and DeepSpeed need a process group even with one process: make a private one."""
+        """FSDP and DeepSpeed need a process group even with one process: make a private one.
+
+        It lives as long as the process and is reused by later runs in it: DeepSpeed caches
+        its groups globally, so destroying and re-creating the group would break a second run."""
         if self.distributed:
             return
         with socket.socket() as s:  # a free local port for the rendezvous
@@ -58,12 +60,6 @@ class RunEnv:
             port = s.getsockname()[1]
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                                 timeout=timedelta(minutes=10))
-        self._owns_group = True
-
-    def close(self) -> None:
-        if self._owns_group and self.distributed:
-            dist.destroy_process_group()
-            self._owns_group = False
 
     # ---- stop requests ----------------------------------------------------------------------
     @contextlib.contextmanager

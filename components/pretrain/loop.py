@@ -167,7 +167,7 @@ def train(
             stage = env.staging_dir(step)
             checkpointing.save(stage, env=env, engine=engine, scheduler=scheduler,
                                data_state=train_data.state_dict(), step=step, tokens_seen=tokens_seen,
-                               info={**(info or {}), "metrics": latest})
+                               info={**(info or {}), "model_config": model_cfg.to_dict(), "metrics": latest})
             report = {"step": step, "tokens_seen": tokens_seen, "preempted": float(stop and step < max_steps), **latest}
             published = env.publish_checkpoint(stage, step, report)
             paused += time.perf_counter() - t

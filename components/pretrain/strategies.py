@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from components.pretrain.checkpointing import load_weights
@@ -171,12 +172,15 @@ class DeepSpeedEngine(Engine):
     TAG = "deepspeed"
 
     def __init__(self, cfg: PretrainConfig, env: RunEnv, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        import os
+
         import deepspeed
 
+        os.environ["LOCAL_RANK"] = str(env.local_rank)  # DeepSpeed insists on its launcher's variable
         self.cfg, self.env, self.module = cfg, env, module
         self.optimizer = optimizer
-        self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg),
-                                                dist_init_required=False)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
+        self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
         self.model = self.ds
 
     @contextlib.contextmanager

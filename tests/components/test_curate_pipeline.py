@@ -37,12 +37,12 @@ EXPECTED_REJECTED = {
     "docs/table.txt": "alpha_fraction",
     "docs/tutorial_copy.rst": "exact_duplicate",
     "docs/tutorial_edited.rst": "near_duplicate",
-    "kb-002": "exact_duplicate",
+    "docs/tutorial.rst": "exact_duplicate",  # kb/tickets.jsonl sorts first, so its copy (kb-002) is the one kept
     "kb-007": "empty",
     _ticket_id(2): "invalid_json",
     _ticket_id(3): "missing_text",
 }
-EXPECTED_KEPT = {"docs/guide.md", "docs/interactive.html", "docs/notes.txt.gz", "docs/tutorial.rst",
+EXPECTED_KEPT = {"docs/guide.md", "docs/interactive.html", "docs/notes.txt.gz", "kb-002",
                  "docs/unicode-cp1252.txt", "kb-001", _ticket_id(5)}
 EXPECTED_PII = {"private_key": 1, "secret": 2, "email": 4, "ip_address": 2, "phone": 1}
 
@@ -121,8 +121,6 @@ def test_markup_is_stripped_and_legacy_encodings_decoded(run) -> None:
     cp1252 = docs["docs/unicode-cp1252.txt"]["text"]
     assert "Fichier non trouvé" in cp1252 and "répertoire" in cp1252 and "Gürzenichstraße" in cp1252
     assert run.datacard["encodings"]["cp1252"] == 1
-    tutorial = docs["docs/tutorial.rst"]["text"]
-    assert "\r" not in tutorial and "  \n" not in tutorial and "\u200b" not in tutorial
 
 
 def test_splits_follow_the_id_hash_and_are_stable_across_runs(run, tmp_path: Path) -> None:
@@ -135,9 +133,12 @@ def test_splits_follow_the_id_hash_and_are_stable_across_runs(run, tmp_path: Pat
     # Growing the corpus never moves an existing document to another split.
     grown = tmp_path / "docs"
     shutil.copytree(FIXTURE, grown)
-    (grown / "extra.md").write_text((FIXTURE / "tutorial.rst").read_text().replace("Python", "the interpreter language"))
+    (grown / "zz_extra.md").write_text(
+        "Release notes for the internal platform: the deployment tool now checks the health of every service "
+        "before it switches traffic, and the operators get an alert with the failing check and its logs.\n")
     curate([grown], tmp_path / "grown", cfg, progress=False)
     grown_docs = read_output(tmp_path / "grown")
+    assert "docs/zz_extra.md" in grown_docs
     assert all(grown_docs[i]["split"] == d["split"] for i, d in docs.items())
 
 
@@ -194,7 +195,7 @@ def test_existing_dataset_needs_overwrite(run, tmp_path: Path) -> None:
     (out / "notes-by-user.txt").write_text("keep me")
     with pytest.raises(UserError, match="--overwrite"):
         curate([FIXTURE / "guide.md"], out, progress=False)
-    res = curate([FIXTURE / "tutorial.rst"], out, CurateConfig(num_workers=1), overwrite=True, progress=False)
+    res = curate([FIXTURE / "tutorial.rst"], out, CurateConfig(num_workers=1), overwrite=True, progress=False)  # kept alone
     assert set(read_output(out)) == {"tutorial.rst"} and res.datacard["documents"]["in"] == 1
     assert (out / "notes-by-user.txt").read_text() == "keep me"  # only our own files are replaced
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from components.token_dataset import PackedTokenDataset
 from components.tokenize_shards import token_dtype, tokenize_dataset
@@ -127,3 +128,28 @@ def test_bad_inputs(tmp_path: Path, tokenizer_dir: Path) -> None:
 def test_dtype_widens_only_when_ids_do_not_fit() -> None:
     assert token_dtype(50_000) == np.uint16 and token_dtype(65_536) == np.uint16
     assert token_dtype(65_537) == np.uint32 and token_dtype(128_256) == np.uint32
+
+
+def test_curate_then_tokenize_through_the_cli(tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    import lmforge.cli as cli
+    from components.curate import CurateConfig, curate
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "curate" / "docs"
+    cfg = CurateConfig(num_workers=1)
+    cfg.split.validation = cfg.split.test = 0.3
+    curated = curate([fixture], tmp_path / "data", cfg, progress=False)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.commands.tokenize"])
+    rc = cli.main(["tokenize", "--data", str(tmp_path / "data"), "--tokenizer", str(tokenizer_dir),
+                   "--output", str(tmp_path / "tokens"), "--no-progress"])
+    assert rc == 0 and "tokenized train" in capsys.readouterr().out
+    index = json.loads((tmp_path / "tokens" / "index.json").read_text())
+    assert index["data_content_sha256"] == curated.datacard["content_sha256"]
+    assert {s: e["num_documents"] for s, e in index["splits"].items()} == {
+        s: v["documents"] for s, v in curated.datacard["splits"].items() if v["documents"]}
+    ds = PackedTokenDataset(tmp_path / "tokens", "train", seq_len=32, seed=1)
+    x, y = ds.next_batch(8)
+    assert x.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    assert cli.main(["tokenize", "--data", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "nope"),
+                     "--output", str(tmp_path / "t2")]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err

@@ -73,10 +73,10 @@ def test_beam_search_finds_the_best_sequence_greedy_misses(length_penalty, early
 
 
 def test_length_penalty_changes_the_winner():
-    # after A: eos now (0.3) vs a long confident path A->B->B->B..(0.7 * 0.9^k)
+    # after A: eos at once (0.5) vs a long path A->B->B->B.. (0.4999 * 0.8^k)
     probs = [
-        [0.0001, 0.6999, 0.0, 0.3],
-        [0.0001, 0.9, 0.0, 0.0999],
+        [0.0001, 0.4999, 0.0, 0.5],
+        [0.0001, 0.8, 0.0, 0.1999],
         [0.25, 0.25, 0.25, 0.25],
         [0.25, 0.25, 0.25, 0.25],
     ]

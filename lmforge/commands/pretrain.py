@@ -1,0 +1,68 @@
+"""`lmforge pretrain` (train on token shards, in-process or on Ray Train) and `lmforge consolidate`
+(turn a training checkpoint, including FSDP / ZeRO shards, into a plain model directory)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run checkpointed and stopped early; rerun with --resume auto
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a model on token shards (Ray Train: DDP, FSDP or DeepSpeed ZeRO)",
+        description="Train the lmforge transformer on the token shards written by `lmforge tokenize`, on Ray Train "
+        "workers (a local Ray, or the cluster in $RAY_ADDRESS) or in this process (--local). Checkpoints go to "
+        "<output_dir>/checkpoints, the final model (Hugging Face layout) to <output_dir>/model, metrics to MLflow. "
+        "SIGTERM checkpoints and stops (exit 143); continue with --resume auto.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/pretrain-tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=1e-4 --set strategy.name=fsdp (repeatable)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue from the newest checkpoint in output_dir (auto) or from a checkpoint directory")
+    p.add_argument("--local", action="store_true", help="train in this process without Ray (= --set ray.num_workers=0)")
+    p.set_defaults(func=_pretrain)
+
+    c = sub.add_parser(
+        "consolidate",
+        help="write a pretraining checkpoint (DDP, FSDP or ZeRO shards) as a plain model directory",
+        description="Merge a checkpoint written by `lmforge pretrain` (every rank's FSDP or DeepSpeed ZeRO shards) "
+        "into one fp32 model directory in the Hugging Face Llama layout.",
+    )
+    c.add_argument("checkpoint", help="a checkpoint directory, e.g. OUT/checkpoints/step-00001000")
+    c.add_argument("output", help="model directory to write")
+    c.add_argument("--tokenizer-dir", help="tokenizer files to include (default: the one the run used)")
+    c.set_defaults(func=_consolidate)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from components.pretrain import PretrainConfig, pretrain
+    from components.pretrain.stage import result_summary
+    from lmforge.config import load
+
+    overrides = list(args.overrides) + (["ray.num_workers=0"] if args.local else [])
+    cfg = load(PretrainConfig, args.config, overrides)
+    result = pretrain(cfg, resume=args.resume)
+    console = Console()
+    summary = result_summary(result)
+    if result.preempted:
+        console.print(f"[yellow]stopped[/yellow] at step {result.step}: checkpoint {result.checkpoint_dir}; "
+                      f"continue with: lmforge pretrain --config {args.config} --resume auto")
+        return EXIT_PREEMPTED
+    loss = summary.get("val/loss", summary.get("train/loss"))
+    console.print(f"[green]pretrained[/green] {result.model_dir} ({result.step} steps"
+                  + (f", loss {loss:.4f}" if loss is not None else "") + ")"
+                  + (f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""))
+    return 0
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from components.pretrain import consolidate
+
+    out = consolidate(args.checkpoint, args.output, tokenizer_dir=args.tokenizer_dir)
+    Console().print(f"[green]consolidated[/green] {args.checkpoint} -> {out}")
+    return 0

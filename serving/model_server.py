@@ -1,0 +1,175 @@
+"""One served variant: load its model (or the fallback), follow registry alias moves, hot-swap.
+
+This is the body of a Ray Serve model replica (serving/app.py applies the decorator) and of the
+in-process server used by tests, so both run the same code.
+
+Hot swap: a new version is downloaded and loaded NEXT to the running one (its own engine), then
+becomes current in one assignment; requests already running keep the runner they started on, and
+that runner's engine stops only when its last request has finished. Nothing in flight is dropped.
+
+Model sources, in order: the variant's `model`; when it cannot be loaded, `fallback_model` (and
+the replica keeps trying the primary at each poll, so a fixed registry entry brings it back).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from serving.config import ServeConfig
+from serving.protocol import APIError, GenerationRequest
+from serving.registry import RegistryClient, ResolvedVersion, is_registry_uri, parse_model_uri
+from serving.runner import ModelRunner
+
+log = logging.getLogger("lmforge.serving")
+
+
+class ModelLoadError(RuntimeError):
+    """Neither the model nor its fallback could be loaded."""
+
+
+class ModelServer:
+    def __init__(self, cfg: ServeConfig, variant: str = "a", *, replica: str = "local", poll: bool = True) -> None:
+        self.cfg, self.variant, self.replica = cfg, variant, replica
+        self.source = cfg.variants[variant]
+        # version B falls back to version A, so a broken challenger never takes the service down
+        self.fallback = cfg.fallback_model if variant == "a" else (cfg.fallback_model or cfg.model)
+        self._registry: RegistryClient | None = None
+        self._swap_lock = threading.Lock()  # one load/swap at a time
+        self.current: ModelRunner
+        self.current_version: ResolvedVersion | None = None
+        self.serving_fallback = False
+        self.reloads = 0
+        self.last_error: str | None = None
+        self._load_initial()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        if poll and cfg.registry_poll_s > 0 and (is_registry_uri(self.source) or self.serving_fallback):
+            self._poller = threading.Thread(target=self._poll_loop, name=f"lmforge-registry-poll-{variant}",
+                                            daemon=True)
+            self._poller.start()
+
+    # ---- loading ------------------------------------------------------------------------------
+    @property
+    def registry(self) -> RegistryClient:
+        if self._registry is None:
+            self._registry = RegistryClient(self.cfg.tracking_uri)
+        return self._registry
+
+    def _locate(self, source: str) -> tuple[Path, str, ResolvedVersion | None]:
+        """A source -> (local model directory, label, registry version or None)."""
+        if is_registry_uri(source):
+            version = self.registry.resolve(parse_model_uri(source))
+            return self.registry.download(version, self.cfg.model_cache_dir), version.label, version
+        path = Path(source)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist")
+        return path, path.resolve().name, None
+
+    def _load(self, source: str) -> tuple[ModelRunner, ResolvedVersion | None]:
+        model_dir, label, version = self._locate(source)
+        runner = ModelRunner.load(model_dir, self.cfg.engine, label=label, source=source, replica=self.replica)
+        return runner, version
+
+    def _load_initial(self) -> None:
+        try:
+            self.current, self.current_version = self._load(self.source)
+            log.info("variant %s: serving %s", self.variant, self.current.info.label)
+            return
+        except Exception as err:  # any failure to load the primary is a reason to try the fallback
+            primary_error = f"{type(err).__name__}: {err}"
+            if not self.fallback:
+                raise ModelLoadError(f"cannot load model {self.source}: {primary_error}") from err
+        log.warning("variant %s: cannot load %s (%s); loading the fallback %s", self.variant, self.source,
+                    primary_error, self.fallback)
+        try:
+            self.current, self.current_version = self._load(self.fallback)
+        except Exception as err:
+            raise ModelLoadError(f"cannot load model {self.source} ({primary_error}) nor its fallback "
+                                 f"{self.fallback} ({type(err).__name__}: {err})") from err
+        self.serving_fallback = True
+        self.last_error = primary_error
+
+    def reload(self, force: bool = False) -> dict[str, Any]:
+        """Check the source now and swap in a new version if there is one (or if `force`).
+        A registry alias is re-resolved; a directory is reloaded only when forced."""
+        with self._swap_lock:
+            old = self.current
+            before = old.info.label
+            try:
+                if is_registry_uri(self.source):
+                    version = self.registry.resolve(parse_model_uri(self.source))
+                    changed = self.serving_fallback or self.current_version is None \
+                        or version.version != self.current_version.version
+                else:
+                    changed = self.serving_fallback
+                if changed or force:
+                    runner, version = self._load(self.source)
+                    self._swap(runner, version)
+                    self.serving_fallback = False
+                self.last_error = None
+            except Exception as err:
+                self.last_error = f"{type(err).__name__}: {err}"
+                log.error("variant %s: reload of %s failed, still serving %s: %s", self.variant, self.source,
+                          before, self.last_error)
+            return {"variant": self.variant, "before": before, "model": self.current.info.label,
+                    "swapped": self.current is not old,
+                    "error": self.last_error}
+
+    def _swap(self, runner: ModelRunner, version: ResolvedVersion | None) -> None:
+        old = self.current
+        self.current, self.current_version = runner, version  # new requests go to the new version from here
+        self.reloads += 1
+        log.info("variant %s: swapped %s -> %s", self.variant, old.info.label, runner.info.label)
+        old.retire()  # its engine stops once the requests still running on it are done
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.cfg.registry_poll_s):
+            self.reload()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.current.retire()
+
+    # ---- requests -----------------------------------------------------------------------------
+    def _acquire(self) -> ModelRunner:
+        for _ in range(100):  # a swap can retire the runner between reading and acquiring it
+            runner = self.current
+            if runner.acquire():
+                return runner
+            time.sleep(0.001)
+        raise APIError(503, "the model is being swapped; retry", "overloaded_error", headers={"Retry-After": "1"})
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
+        try:
+            runner = self._acquire()
+        except APIError as err:
+            yield err.event()
+            return
+        try:
+            async for event in runner.generate(request):
+                if event["type"] in ("start", "end"):
+                    event["variant"] = self.variant
+                    event["reloads"] = self.reloads
+                yield event
+        finally:
+            runner.release()
+
+    def stats(self) -> dict[str, Any]:
+        return self.current.stats() | {"variant": self.variant, "reloads": self.reloads}
+
+    def info(self) -> dict[str, Any]:
+        i = self.current.info
+        return {"variant": self.variant, "model": i.label, "source": self.source, "model_dir": i.model_dir,
+                "serving_fallback": self.serving_fallback, "max_model_len": i.max_model_len,
+                "num_slots": i.num_slots, "device": i.device, "dtype": i.dtype, "loaded_at": i.loaded_at,
+                "reloads": self.reloads, "last_error": self.last_error, "replica": self.replica}
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising makes it replace the replica."""
+        if not self.current.healthy:
+            raise RuntimeError(f"the generation engine of {self.current.info.label} stopped after an error")

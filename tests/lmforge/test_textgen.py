@@ -1,0 +1,156 @@
+"""Text around generation: incremental detokenization never emits broken UTF-8, stop strings cut the
+output exactly (even when split across tokens), regex constraints hold, text streaming works."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmforge.errors import UserError
+from lmforge.textgen import (
+    IncrementalDetokenizer,
+    RegexConstraint,
+    StopStrings,
+    TextDecoder,
+    generate_text,
+    stream_text,
+)
+from model.config import ModelConfig
+from model.generation import SamplingParams
+from model.transformer import Transformer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 1234 5678 2024-05-17.",
+    "Crème brûlée, café, naïve façade — déjà vu! Größe, Straße.",
+    "日本語のテキストです。東京は大きい。 Emoji: 🙂🚀✨ and more text here.",
+    "yes no yes no maybe 42 - 17 = 25; 3.14159 and 2.71828",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    """A tiny byte-level BPE tokenizer (same pipeline as lmforge's tokenizer trainer)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size(), init_std=0.2, tie_embeddings=False, bos_token_id=0)
+    return Transformer(cfg).eval()
+
+
+def test_incremental_detokenization_never_emits_broken_characters(tokenizer):
+    text = "Crème brûlée 日本語 🙂🚀 ok"
+    ids = tokenizer.encode(text).ids
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens hold part of a character
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert "" in deltas  # a token that completed nothing printable waited for the next one
+
+
+def test_incremental_detokenization_after_a_prompt(tokenizer):
+    prompt = tokenizer.encode("Straße and").ids
+    rest = tokenizer.encode(" café 🙂").ids
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    out = "".join(detok.push(i) for i in rest) + detok.flush()
+    assert out == tokenizer.decode(prompt + rest)[len(tokenizer.decode(prompt)) :]
+
+
+def test_flush_reports_an_unfinished_character(tokenizer):
+    ids = tokenizer.encode("a🙂").ids
+    detok = IncrementalDetokenizer(tokenizer)
+    shown = "".join(detok.push(i) for i in ids[:-1])
+    assert shown == "a"
+    assert detok.flush() == "\ufffd"  # the emoji's last byte never came
+
+
+def test_stop_strings_hold_back_possible_starts():
+    stops = StopStrings(["STOP", "\n\n"])
+    assert stops.push("Hello S") == "Hello "  # "S" may start "STOP"
+    assert stops.push("T") == ""
+    assert stops.push("ay") == "STay"  # it did not
+    assert stops.push(" then\n") == " then"
+    assert stops.push("\nmore") == "" and stops.stopped
+    assert stops.push("ignored") == "" and stops.flush() == ""
+    tail = StopStrings(["END"])
+    assert tail.push("almost EN") == "almost " and tail.flush() == "EN"
+    with pytest.raises(UserError, match="non-empty"):
+        StopStrings([""])
+
+
+def test_text_decoder_cuts_at_a_stop_string_split_across_tokens(tokenizer):
+    ids = tokenizer.encode("The lazy dog jumps").ids
+    decoder = TextDecoder(tokenizer, stop=["zy do"])
+    shown = ""
+    for i in ids:
+        shown += decoder.push(i)
+        if decoder.stopped:
+            break
+    shown += decoder.finish()
+    assert shown == decoder.text == "The la"
+
+
+def test_generate_text_stops_at_a_stop_string(model, tokenizer):
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    free = generate_text(model, tokenizer, "The quick", params)
+    assert free.finish_reason == "length" and len(free.token_ids) == 40
+    stop = free.text[10:13]
+    cut = generate_text(model, tokenizer, "The quick", params, stop=[stop])
+    assert cut.text == free.text[: free.text.index(stop)]
+    assert cut.finish_reason == "stop" and len(cut.token_ids) < 40
+    assert "".join(stream_text(model, tokenizer, "The quick", params, stop=[stop])) == cut.text
+    assert "".join(stream_text(model, tokenizer, "The quick", params)) == free.text
+
+
+class EosAfter(torch.nn.Module):
+    """Wraps a model so that eos becomes the likeliest token from the given position on."""
+
+    def __init__(self, inner, eos: int, from_position: int) -> None:
+        super().__init__()
+        self.inner, self.config, self.eos, self.from_position = inner, inner.config, eos, from_position
+
+    def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None):
+        logits = self.inner(input_ids, positions, kv_cache, attn_mask).clone()
+        pos = positions if positions is not None else torch.arange(input_ids.shape[1])
+        logits[..., self.eos] += 1000.0 * (pos >= self.from_position).to(logits.dtype)
+        return logits
+
+
+def test_generate_text_stops_at_the_tokenizers_eos(model, tokenizer):
+    eos = tokenizer.token_to_id("<|eos|>")
+    assert model.config.eos_token_id is None  # the model config names none: the tokenizer's is used
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    prompt_len = len(tokenizer.encode("The quick").ids) + 1  # + bos
+    free = generate_text(model, tokenizer, "The quick", params)
+    out = generate_text(EosAfter(model, eos, prompt_len + 3), tokenizer, "The quick", params)
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[:4] + [eos]
+    assert out.text == tokenizer.decode(free.token_ids[:4])  # the special token itself is not shown
+
+
+@pytest.mark.parametrize("pattern", [r"\d{3}-\d{2}", r"(yes|no)", r"[a-z]+ [0-9]{1,2}\."])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_regex_constraint_output_matches(model, tokenizer, pattern, seed):
+    import regex
+
+    eos = tokenizer.token_to_id("<|eos|>")
+    constraint = RegexConstraint(pattern, tokenizer, model.config.vocab_size, [eos])
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=seed)
+    out = generate_text(model, tokenizer, "Answer:", params, constraint=constraint)
+    assert regex.fullmatch(pattern, out.text), out.text
+    assert out.finish_reason == "stop"
+
+
+def test_regex_constraint_rejects_a_bad_pattern(tokenizer):
+    with pytest.raises(UserError, match="invalid --regex"):
+        RegexConstraint("(unclosed", tokenizer, tokenizer.get_vocab_size())
