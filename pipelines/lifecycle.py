@@ -107,37 +107,37 @@ def run_lifecycle(cfg: LifecycleConfig, log: Callable[[str], None] = print) -> L
     record: dict[str, dict[str, Any]] = {}
 
     def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        log(f"[lmforge run] {name} ...")
+        log(f"lmforge run: {name} ...")
         start = time.perf_counter()
         out = fn()
         out["seconds"] = round(time.perf_counter() - start, 2)
         record[name] = out
         (work / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        log(f"[lmforge run] {name} done in {out['seconds']} s")
+        log(f"lmforge run: {name} done in {out['seconds']} s")
         return out
 
     data_dir, tok_dir, shards_dir = work / "data", work / "tokenizer", work / "tokens"
 
     def do_curate() -> dict[str, Any]:
         result = curate(cfg.inputs, data_dir, cfg.curate, overwrite=True)
-        return {"output": str(data_dir), **result.metrics()}
+        return {"output": str(data_dir), **_metrics(result)}
 
     def do_tokenizer() -> dict[str, Any]:
         result = train_tokenizer(
             [data_dir / "train"], tok_dir, vocab_size=cfg.tokenizer.vocab_size,
             min_frequency=cfg.tokenizer.min_frequency, holdout_fraction=cfg.tokenizer.holdout_fraction,
         )
-        return {"output": str(tok_dir), **result.metrics()}
+        return {"output": str(tok_dir), **_metrics(result)}
 
     def do_tokenize() -> dict[str, Any]:
         result = tokenize_dataset(data_dir, tok_dir, shards_dir, overwrite=True)
-        return {"output": str(shards_dir), **result.metrics()}
+        return {"output": str(shards_dir), **_metrics(result)}
 
     def do_pretrain() -> dict[str, Any]:
         result = pretrain(dataclasses.replace(pretrain_cfg), resume=None)
         if result.model_dir is None:
             raise RuntimeError("pretraining stopped before writing a model (preempted?)")
-        return {"model_dir": str(result.model_dir), "mlflow_run_id": result.mlflow_run_id, **result.metrics}
+        return {"model_dir": str(result.model_dir), "mlflow_run_id": result.mlflow_run_id, **_metrics(result)}
 
     step("curate", do_curate)
     step("tokenizer", do_tokenizer)
@@ -152,6 +152,11 @@ def run_lifecycle(cfg: LifecycleConfig, log: Callable[[str], None] = print) -> L
 
     samples = step("generate", lambda: {"samples": _generate(model_dir, cfg.generate)})["samples"]
     return LifecycleResult(work, model_dir, registered, samples, record)
+
+
+def _metrics(result: Any) -> dict[str, Any]:
+    metrics = result.metrics
+    return metrics() if callable(metrics) else metrics
 
 
 def _register(model_dir: Path, section: RegisterSection, run_id: str | None) -> dict[str, Any]:
