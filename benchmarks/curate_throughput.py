@@ -9,7 +9,9 @@ over the time spent inside `curate()` (worker start-up included, interpreter/imp
 that is reported separately as wall seconds). The 10x corpus is the sample repeated with variation: copy k > 0 of
 each file has ~15% of its words replaced (seeded), so the copies are not duplicates and survive
 dedup, the worst case for the dedup index. Corpus: data/sample, else /work/shared/sample, else a
-generated one. Prints one JSON line per run; "mb_per_s_per_core" = input MB / curate() seconds / workers.
+generated one. Prints one JSON line per run; "mb_per_s_per_core" = input MB / curate() seconds / workers, and,
+because a shared machine's load skews wall time, "mb_per_cpu_second" = input MB / CPU seconds of the
+whole process tree (interpreter and import start-up included).
 """
 
 from __future__ import annotations
@@ -94,10 +96,16 @@ def run_once(corpus: Path, out: Path, workers: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
     peak = peak_single = 0
+    cpu: dict[int, float] = {}  # pid -> latest user+system seconds (workers included)
     while proc.poll() is None:
         try:
             procs = [ps, *ps.children(recursive=True)]
-            rss = [p.memory_info().rss for p in procs]
+            rss = []
+            for p in procs:
+                with p.oneshot():
+                    rss.append(p.memory_info().rss)
+                    t = p.cpu_times()
+                    cpu[p.pid] = t.user + t.system
             peak, peak_single = max(peak, sum(rss)), max(peak_single, max(rss))
         except psutil.Error:
             pass
@@ -106,7 +114,8 @@ def run_once(corpus: Path, out: Path, workers: int) -> dict:
     if proc.returncode:
         raise SystemExit(f"curate failed:\n{stderr}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result.update(wall_seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20, peak_rss_single_process_mb=peak_single / 2**20)
+    result.update(wall_seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20, peak_rss_single_process_mb=peak_single / 2**20,
+                  cpu_seconds=sum(cpu.values()))
     return result
 
 
@@ -127,6 +136,7 @@ def main() -> None:
             print(json.dumps({"bench": "curate_throughput", "corpus": str(corpus), "corpus_mb": size / MB, "workers": w,
                               "curate_seconds": round(r["seconds"], 2), "wall_seconds": round(r["wall_seconds"], 2),
                               "mb_per_s": round(size / MB / r["seconds"], 3), "mb_per_s_per_core": round(size / MB / r["seconds"] / w, 3),
+                              "cpu_seconds": round(r["cpu_seconds"], 1), "mb_per_cpu_second": round(size / MB / r["cpu_seconds"], 3),
                               "peak_rss_mb": round(r["peak_rss_mb"], 1), "documents_in": r["documents_in"],
                               "documents_kept": r["documents_kept"], **machine, "load_avg_1m": os.getloadavg()[0]}), flush=True)
         big = scratch / f"x{args.repeat}"
@@ -136,6 +146,7 @@ def main() -> None:
         print(json.dumps({"bench": "curate_peak_memory", "corpus_mb": big_size / MB, "repeat": args.repeat, "workers": w,
                           "curate_seconds": round(r["seconds"], 2), "wall_seconds": round(r["wall_seconds"], 2),
                           "mb_per_s": round(big_size / MB / r["seconds"], 3), "mb_per_s_per_core": round(big_size / MB / r["seconds"] / w, 3),
+                          "cpu_seconds": round(r["cpu_seconds"], 1), "mb_per_cpu_second": round(big_size / MB / r["cpu_seconds"], 3),
                           "peak_rss_mb": round(r["peak_rss_mb"], 1), "peak_rss_single_process_mb": round(r["peak_rss_single_process_mb"], 1),
                           "documents_in": r["documents_in"], "documents_kept": r["documents_kept"],
                           "near_duplicates": r["near_duplicates"], "exact_duplicates": r["exact_duplicates"],

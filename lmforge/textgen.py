@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from lmforge.errors import UserError
 from model.beam_search import BeamSearchParams, beam_search
-from model.generation import SamplingParams, TokenEvent, stream
+from model.generation import SamplingParams, TokenEvent, apply_decode_layout, stream
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 EOS_TOKEN_NAMES = ("<|eos|>", "<|endoftext|>", "</s>", "<|end_of_text|>")
@@ -345,17 +345,21 @@ def generate_from_dir(
     num_draft_tokens: int = 4,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
+    compile: bool = False,
     on_text: Callable[[str], None] | None = None,
 ) -> TextResult:
     """Load a model directory and continue `prompt`: beam search if num_beams > 1, speculative
-    decoding if a draft model is given, otherwise sampling (greedy at temperature 0)."""
+    decoding if a draft model is given, otherwise sampling (greedy at temperature 0) on the
+    engine (`compile=True`: its decode step goes through torch.compile / CUDA graphs)."""
     from model.checkpoint import load_model_dir
 
     if num_beams > 1 and (regex_pattern or draft_model_dir):
         raise UserError("--num-beams cannot be combined with --regex or --draft-model")
     if draft_model_dir and regex_pattern:
         raise UserError("--draft-model cannot be combined with --regex")
-    model = load_model_dir(model_dir, device=device, dtype=dtype)
+    if compile and (num_beams > 1 or draft_model_dir):
+        raise UserError("--compile applies to sampling/greedy decoding, not to --num-beams or --draft-model")
+    model = apply_decode_layout(load_model_dir(model_dir, device=device, dtype=dtype))
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise UserError(
@@ -386,7 +390,7 @@ def generate_from_dir(
     elif draft_model_dir:
         from model.speculative import speculative_generate
 
-        draft = load_model_dir(draft_model_dir, device=device, dtype=dtype)
+        draft = apply_decode_layout(load_model_dir(draft_model_dir, device=device, dtype=dtype))
         out = speculative_generate(model, draft, prompt_ids, params, num_draft_tokens)
         first = None
         tokens = []
@@ -407,5 +411,6 @@ def generate_from_dir(
         constraint = None
         if regex_pattern:
             constraint = RegexConstraint(regex_pattern, tokenizer, model.config.vocab_size, eos_token_ids(tokenizer, model.config.eos_token_id))
-        tokens, reason, first = stream_events_as_text(stream(model, prompt_ids, params, constraint), decoder, on_text)
+        events = stream(model, prompt_ids, params, constraint, compile=compile)
+        tokens, reason, first = stream_events_as_text(events, decoder, on_text)
     return TextResult(decoder.text, tokens, reason, len(prompt_ids), first, time.perf_counter() - start)

@@ -85,7 +85,8 @@ class Engine:
     ) -> None:
         """`max_len` bounds prompt + new tokens of every request (default: the model's context).
         `compile=True` decodes with static shapes (all slots, full cache) through torch.compile, and
-        CUDA graphs on a GPU: slower to start, faster per token where launch overhead dominates."""
+        CUDA graphs on a GPU: slower to start (tens of seconds), faster per token where per-op
+        overhead dominates (small models, GPUs)."""
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"engine.num_slots must be an integer >= 1, got {num_slots!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -273,8 +274,11 @@ class Engine:
         def decode(token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return model(token_ids, positions, cache)[:, -1]
 
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        return torch.compile(decode, mode=mode, fullgraph=True, dynamic=False)
+        if self.device.type == "cuda":  # CUDA graphs: one launch per step instead of hundreds
+            return torch.compile(decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        # CPU: fuses the small element-wise ops between the matmuls. (Inductor's weight "freezing"
+        # was measured slower for batch-1 decode than apply_decode_layout's column-major weights.)
+        return torch.compile(decode, fullgraph=True, dynamic=False)
 
     def _advance(self, seq: _Sequence, choice: TokenLogprob | None, events: list[TokenEvent]) -> None:
         """Record a sequence's new token (or its end, when its constraint allows nothing more)."""
@@ -315,8 +319,12 @@ class RequestStream:
 
     def _deliver(self, item: TokenEvent | BaseException) -> None:
         self._queue.put(item)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._ready.set)
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is waiting
+                pass
 
     def _take(self, item: TokenEvent | BaseException) -> TokenEvent:
         if isinstance(item, BaseException):
@@ -331,7 +339,8 @@ class RequestStream:
             yield self._take(self._queue.get())
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
+        self._ready = asyncio.Event()  # set before _loop: the driver thread checks _loop first
+        self._loop = asyncio.get_running_loop()
         while self._remaining > 0:
             self._ready.clear()  # clear before looking, so a delivery in between is not missed
             try:

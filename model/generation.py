@@ -64,6 +64,9 @@ class SamplingParams:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
+        if isinstance(self.stop_token_ids, list):  # e.g. from JSON; kept as a tuple (hashable, frozen)
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             fail("max_new_tokens", "must be an integer >= 1")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
@@ -85,7 +88,7 @@ class SamplingParams:
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             fail("seed", "must be None or an integer >= 0")
         if not isinstance(self.stop_token_ids, tuple) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            fail("stop_token_ids", "must be a tuple of token ids >= 0")
+            fail("stop_token_ids", "must be a list of token ids >= 0")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 

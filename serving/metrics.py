@@ -22,6 +22,7 @@ Names follow Prometheus conventions: `lmforge_` prefix, base units (seconds), `_
 | lmforge_engine_running_sequences | gauge | variant, model, replica |
 | lmforge_engine_slots | gauge | variant, model, replica |
 | lmforge_engine_kv_cache_usage_ratio | gauge | variant, model, replica |
+| lmforge_engine_requests_aborted_total | counter | variant, model, replica (client disconnects) |
 | lmforge_model_reloads_total | counter | variant, model (the version swapped in) |
 """
 
@@ -32,7 +33,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -72,12 +73,18 @@ class EngineStatsCollector(Collector):
                 "Share of the preallocated KV cache reserved by running sequences (busy slots / slots)",
                 labels=["variant", "model", "replica"]),
         }
+        aborted = CounterMetricFamily("lmforge_engine_requests_aborted",
+                                      "Requests cancelled because the client went away (slots freed at once)",
+                                      labels=["variant", "model", "replica"])
         for (variant, replica), (_, stats) in snapshot:
             labels = [variant, str(stats.get("model", "")), replica]
             for name, family in families.items():
                 if name in stats:
                     family.add_metric(labels, float(stats[name]))
+            if "aborted" in stats:
+                aborted.add_metric(labels, float(stats["aborted"]))
         yield from families.values()
+        yield aborted
 
     def describe(self) -> list:
         return []  # samples vary at run time; no fixed description needed for registration

@@ -44,6 +44,7 @@ class ModelServer:
         self.current_version: ResolvedVersion | None = None
         self.serving_fallback = False
         self.reloads = 0
+        self._aborted_before = 0  # client disconnects counted by runners already swapped out
         self.last_error: str | None = None
         self._load_initial()
         self._stop = threading.Event()
@@ -124,6 +125,7 @@ class ModelServer:
         old = self.current
         self.current, self.current_version = runner, version  # new requests go to the new version from here
         self.reloads += 1
+        self._aborted_before += old.aborted
         log.info("variant %s: swapped %s -> %s", self.variant, old.info.label, runner.info.label)
         old.retire()  # its engine stops once the requests still running on it are done
 
@@ -152,15 +154,16 @@ class ModelServer:
             return
         try:
             async for event in runner.generate(request):
-                if event["type"] in ("start", "end"):
-                    event["variant"] = self.variant
-                    event["reloads"] = self.reloads
+                if "stats" in event:
+                    event["stats"]["aborted"] += self._aborted_before
                 yield event
         finally:
             runner.release()
 
     def stats(self) -> dict[str, Any]:
-        return self.current.stats() | {"variant": self.variant, "reloads": self.reloads}
+        stats = self.current.stats()
+        return stats | {"variant": self.variant, "reloads": self.reloads,
+                        "aborted": stats["aborted"] + self._aborted_before}
 
     def info(self) -> dict[str, Any]:
         i = self.current.info

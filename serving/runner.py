@@ -128,6 +128,7 @@ class ModelRunner:
                                str(param.device), str(param.dtype).removeprefix("torch."), time.time())
         self._active = 0
         self._retired = False
+        self.aborted = 0  # requests whose consumer left before the end (client disconnect)
         self._lock = threading.Lock()
 
     @classmethod
@@ -190,7 +191,7 @@ class ModelRunner:
     def stats(self) -> dict[str, Any]:
         running, slots = self.engine.num_running, self.engine.num_slots
         return {"replica": self.replica, "model": self.info.label, "queue_depth": self.engine.num_waiting,
-                "running": running, "num_slots": slots, "kv_cache_usage": running / slots}
+                "running": running, "num_slots": slots, "kv_cache_usage": running / slots, "aborted": self.aborted}
 
     # ---- requests -----------------------------------------------------------------------------
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -254,6 +255,10 @@ class ModelRunner:
                 yield {"type": "finish", "index": i, "reason": "length", "completion_tokens": 0}
             yield {"type": "end", "stats": self.stats()}
             return
+        if params.n > self.info.num_slots:
+            yield bad_request(f"n: at most {self.info.num_slots} choices per prompt on this server "
+                              f"(engine.num_slots), got {params.n}", "n").event()
+            return
         try:
             stream = self.driver.submit(ids, params, request_id=request.request_id)
         except QueueFull as err:
@@ -307,6 +312,8 @@ class ModelRunner:
         finally:
             if len(engine_done) < params.n:
                 stream.cancel()  # client gone or every choice stopped early: free the slots now
+                if open_choices:
+                    self.aborted += 1
 
     @torch.inference_mode()
     def prompt_logprobs(self, ids: list[int], k: int) -> list[dict[str, Any] | None]:

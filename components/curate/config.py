@@ -180,7 +180,7 @@ class CurateConfig:
     pii: PiiConfig = field(default_factory=PiiConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     s3: S3Config = field(default_factory=S3Config)
-    num_workers: int | None = None  # processes; null = all cores
+    num_workers: int | None = None  # processes; null = all cores, but at most one per 8 MiB of input
     task_bytes: int = 1 * MiB  # input bytes per work unit (bounds memory in flight: ~2 units per worker)
     shard_bytes: int = 128 * MiB  # output JSONL shard size
 

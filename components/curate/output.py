@@ -1,6 +1,6 @@
 """The curated dataset on disk: `<output>/<split>/part-NNNNN.jsonl`, one JSON object per line:
 {"id": <document id>, "text": <clean text>, "source": <id of the input file>}; and
-`<output>/rejections.jsonl`, one line per rejected document, so every exclusion can be audited.
+`<output>/rejections.ndjson`, one JSON line per rejected document, so every exclusion can be audited.
 
 Files roll over at `shard_bytes`; each file's SHA-256 is computed while writing, and the dataset's
 `content_sha256` is the SHA-256 of the lines "<relative path> <file sha256>\\n" over all files in
@@ -20,7 +20,9 @@ from lmforge.errors import UserError
 
 DATACARD_JSON = "datacard.json"
 DATACARD_MD = "datacard.md"
-REJECTIONS = "rejections.jsonl"  # one {"id", "source", "reason", "bytes"[, "detail"]} line per rejected document
+# One {"id", "source", "reason", "bytes"[, "detail"]} line per rejected document. Not ".jsonl": tools
+# that collect documents from *.jsonl files (e.g. tokenizer training on this folder) must not read it.
+REJECTIONS = "rejections.ndjson"
 
 
 def prepare_output(output_dir: Path, overwrite: bool) -> None:

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from components.curate.process import DocResult, Processor, init_worker, run_tas
 from components.curate.readers import Part, list_sources, plan_tasks
 from components.curate.s3 import S3Settings
 from components.curate.split import SPLITS, assign_split
+
+MIN_BYTES_PER_AUTO_WORKER = 8 << 20  # with num_workers: null, one more worker per 8 MiB of input
 
 
 @dataclass
@@ -69,18 +72,20 @@ def _run_tasks(tasks: list[list[Part]], cfg: CurateConfig, s3: S3Settings | None
         ctx.set_forkserver_preload(["components.curate.process"])
     else:
         ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=init_worker, initargs=(cfg, s3)) as pool:
+    # An executor rather than multiprocessing.Pool: if a worker dies (e.g. killed for memory) the
+    # run fails with BrokenProcessPool instead of waiting forever for the lost result.
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(cfg, s3)) as pool:
         pending: deque = deque()
         todo = iter(tasks)
         for task in todo:
-            pending.append(pool.apply_async(run_task, (task,)))
+            pending.append(pool.submit(run_task, task))
             if len(pending) >= 2 * workers:
                 break
         while pending:
-            result = pending.popleft().get()
+            result = pending.popleft().result()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(pool.apply_async(run_task, (nxt,)))
+                pending.append(pool.submit(run_task, nxt))
             yield result
 
 
@@ -100,13 +105,18 @@ def curate(
     sources, s3 = list_sources(inputs, cfg)
     prepare_output(output_dir, overwrite)
     tasks = plan_tasks(sources, cfg.task_bytes)
-    workers = max(1, min(cfg.num_workers or os.cpu_count() or 1, len(tasks)))
+    total_bytes = sum(s.size for s in sources)
+    if cfg.num_workers is None:
+        # Auto: a worker costs seconds to start (imports), so small inputs stay in this process.
+        auto = min(os.cpu_count() or 1, -(-total_bytes // MIN_BYTES_PER_AUTO_WORKER))
+        workers = max(1, min(auto, len(tasks)))
+    else:
+        workers = max(1, min(cfg.num_workers, len(tasks)))
 
     input_names = [str(i) for i in inputs]
     ledger = Ledger(input_names, [sum(1 for s in sources if s.input_index == i) for i in range(len(input_names))])
     dedup = Deduplicator(cfg.dedup)
     writer = SplitWriter(output_dir, cfg.shard_bytes)
-    total_bytes = sum(s.size for s in sources)
     bar = tqdm(unit="doc", desc="curate", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     rejections = open(output_dir / REJECTIONS, "w", encoding="utf-8")
     try:

@@ -162,9 +162,9 @@ def plot_loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]]
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1.2)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.2, markersize=3)
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation loss", linewidth=1.2, markersize=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)

@@ -157,8 +157,9 @@ def run_on_ray(
     started = _ensure_ray(cfg)
     try:
         run_dir = cfg.checkpoints_dir()
-        if resume_from is None and checkpointing.find_latest(run_dir) is None:
-            # A previous attempt that never completed a checkpoint: do not let Ray restore its snapshot.
+        if checkpointing.find_latest(run_dir) is None:
+            # Only a previous attempt that never completed a checkpoint can have left a snapshot:
+            # do not let Ray restore it (the start is fresh, or the explicit --resume PATH).
             (run_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
         stop_flag = StopFlag.remote()
         trainer = TorchTrainer(

@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--regex", metavar="PATTERN", help="constrain the output to match this regular expression")
     parser.add_argument("--draft-model", metavar="DIR", help="speculative decoding with this smaller model (same tokenizer)")
     parser.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="draft tokens per speculative round")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (CUDA graphs on a GPU): slower start, faster tokens")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument("--verbose", action="store_true", help="report tokens/s and time to first token on stderr")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     result = generate_from_dir(
         args.model, prompt, params, stop=args.stop, num_beams=args.num_beams, length_penalty=args.length_penalty,
         regex_pattern=args.regex, draft_model_dir=args.draft_model, num_draft_tokens=args.num_draft_tokens,
-        device=args.device, dtype=dtype_from_name(args.dtype) if args.dtype else None,
+        device=args.device, dtype=dtype_from_name(args.dtype) if args.dtype else None, compile=args.compile,
         on_text=show if args.stream else None,
     )
     if not args.stream:

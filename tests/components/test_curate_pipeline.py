@@ -59,7 +59,7 @@ def read_output(out: Path) -> dict[str, dict]:
 
 
 def read_rejections(out: Path) -> dict[str, str]:
-    rows = [json.loads(line) for line in (out / "rejections.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "rejections.ndjson").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == len(rows)
     return {r["id"]: r["reason"] for r in rows}
 

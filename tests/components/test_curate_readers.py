@@ -35,7 +35,7 @@ def small_limit(**kw) -> CurateConfig:
 
 
 def reasons(out: Path) -> dict[str, str]:
-    return {r["id"]: r["reason"] for r in map(json.loads, (out / "rejections.jsonl").read_text().splitlines())}
+    return {r["id"]: r["reason"] for r in map(json.loads, (out / "rejections.ndjson").read_text().splitlines())}
 
 
 def kept_ids(out: Path) -> set[str]:
