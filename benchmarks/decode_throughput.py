@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import ModelConfig  # noqa: E402
 from model.engine import Engine  # noqa: E402
-from model.generation import SamplingParams, apply_decode_layout, generate  # noqa: E402
+from model.decode_layout import apply_decode_layout  # noqa: E402
+from model.generation import SamplingParams, generate  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 

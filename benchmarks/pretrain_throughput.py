@@ -39,6 +39,7 @@ from components.pretrain import loop  # noqa: E402
 from components.pretrain.config import PretrainConfig  # noqa: E402
 from components.pretrain.env import RunEnv  # noqa: E402
 from components.pretrain.optim import build_optimizer, build_scheduler, param_groups  # noqa: E402
+from components.pretrain.strategies import FUSED_ADAMW_DEVICES  # noqa: E402
 from components.pretrain.tracking import Tracker  # noqa: E402
 from components.token_dataset import INDEX_FORMAT, INDEX_VERSION, PackedTokenDataset  # noqa: E402
 from components.tokenize_shards import ShardWriter, write_index  # noqa: E402
@@ -112,7 +113,9 @@ def hf_round(cfg: PretrainConfig, hf_dir: Path, steps: int, compile_: bool) -> d
     if compile_:
         for layer in model.model.layers:
             layer.compile()
-    optimizer = build_optimizer(param_groups(model, len(model.model.layers), cfg.optim), cfg.optim)
+    # exactly the optimizer lmforge's loop builds (strategies.prepare): same groups, fused AdamW
+    optimizer = build_optimizer(param_groups(model, len(model.model.layers), cfg.optim), cfg.optim,
+                                fused="cpu" in FUSED_ADAMW_DEVICES)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     data = PackedTokenDataset(cfg.data.shards_dir, "train", cfg.data.seq_len, seed=cfg.seed)
     rates = []

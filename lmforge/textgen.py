@@ -26,7 +26,8 @@ from tokenizers import Tokenizer
 
 from lmforge.errors import UserError
 from model.beam_search import BeamSearchParams, beam_search
-from model.generation import SamplingParams, TokenEvent, apply_decode_layout, stream
+from model.decode_layout import apply_decode_layout
+from model.generation import SamplingParams, TokenEvent, stream
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 EOS_TOKEN_NAMES = ("<|eos|>", "<|endoftext|>", "</s>", "<|end_of_text|>")

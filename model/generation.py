@@ -234,7 +234,7 @@ class TokenChooser:
             if allowed is not None:
                 if not bool(allowed.any()):
                     return None
-                processed = processed.masked_fill(~allowed, -math.inf)
+                processed = processed.masked_fill(~allowed.to(processed.device), -math.inf)
         if p.greedy:
             token = int(processed.argmax())
         else:
@@ -298,27 +298,6 @@ def collect(events: Iterator[TokenEvent], outputs: dict[str, GenerationOutput]) 
                 completion.logprobs = (completion.logprobs or []) + [event.logprob]
         if event.finish_reason is not None:
             completion.finish_reason = event.finish_reason
-
-
-# ---- decode-time weight layout (CPU) ---------------------------------------------------------
-@torch.no_grad()
-def apply_decode_layout(model: torch.nn.Module) -> torch.nn.Module:
-    """Store CPU linear weights in the memory layout that makes batch-1 decoding fastest.
-
-    Decoding one token multiplies a single row by every weight matrix, so it is bound by how fast
-    the weights stream from memory. With MKL on x86 CPUs, `x @ W.T` for a wide matrix (out > in:
-    the MLP's gate/up projections, the 16k-row output head) reads memory at about half speed when
-    W is row-major and at full speed when it is column-major; narrow matrices prefer row-major
-    (measured on a 2-core AMD EPYC: output head 4.5 -> 1.9 ms per token). Only the strides change:
-    values, parameter names, tied weights and the state dict are untouched, and results are the
-    same to float rounding. Meant for models used for inference only (some training code expects
-    contiguous parameters), so callers apply it explicitly, like any other model transform."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu":
-            weight = module.weight
-            if module.out_features > module.in_features and weight.is_contiguous():
-                weight.data = weight.data.t().contiguous().t()
-    return model
 
 
 # ---- generate / stream (thin wrappers over the engine) ---------------------------------------

@@ -45,6 +45,7 @@ class ModelServer:
         self.serving_fallback = False
         self.reloads = 0
         self._aborted_before = 0  # client disconnects counted by runners already swapped out
+        self._draining: list[ModelRunner] = []  # swapped-out versions still finishing requests
         self.last_error: str | None = None
         self._load_initial()
         self._stop = threading.Event()
@@ -126,6 +127,7 @@ class ModelServer:
         self.current, self.current_version = runner, version  # new requests go to the new version from here
         self.reloads += 1
         self._aborted_before += old.aborted
+        self._draining = [r for r in self._draining if r.active] + [old]
         log.info("variant %s: swapped %s -> %s", self.variant, old.info.label, runner.info.label)
         old.retire()  # its engine stops once the requests still running on it are done
 
@@ -170,7 +172,8 @@ class ModelServer:
         return {"variant": self.variant, "model": i.label, "source": self.source, "model_dir": i.model_dir,
                 "serving_fallback": self.serving_fallback, "max_model_len": i.max_model_len,
                 "num_slots": i.num_slots, "device": i.device, "dtype": i.dtype, "loaded_at": i.loaded_at,
-                "reloads": self.reloads, "last_error": self.last_error, "replica": self.replica}
+                "reloads": self.reloads, "last_error": self.last_error, "replica": self.replica,
+                "draining": [{"model": r.info.label, "active_requests": r.active} for r in self._draining if r.active]}
 
     def check_health(self) -> None:
         """Ray Serve calls this periodically; raising makes it replace the replica."""

@@ -100,12 +100,18 @@ def default_cache_dir() -> Path:
 class RegistryClient:
     """Thin, typed wrapper over `mlflow.MlflowClient` for the operations lmforge needs."""
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
+    def __init__(self, tracking_uri: str | None = None, artifact_root: str | None = None) -> None:
+        """`artifact_root`: where new experiments keep their artifacts (a folder or s3://bucket/prefix);
+        default: the server's own setting, or an `artifacts/` folder beside a sqlite database (without
+        one MLflow would write to ./mlruns in the current directory)."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow import MlflowClient  # imported here: mlflow is slow to import and optional for local dirs
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        if artifact_root is None and self.tracking_uri.startswith("sqlite:///"):
+            artifact_root = str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts")
+        self.artifact_root = artifact_root
 
     # ---- reading ------------------------------------------------------------------------------
     def resolve(self, ref: ModelRef | str) -> ResolvedVersion:
@@ -177,7 +183,11 @@ class RegistryClient:
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(experiment)
-        experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if exp is not None:
+            experiment_id = exp.experiment_id
+        else:
+            location = f"{self.artifact_root.rstrip('/')}/{_safe(experiment)}" if self.artifact_root else None
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         run = self.client.create_run(experiment_id, run_name=run_name or f"register-{name}", tags=tags or {})
         try:
             self.client.log_artifacts(run.info.run_id, str(model_dir), artifact_path=ARTIFACT_PATH)

@@ -185,6 +185,11 @@ class ModelRunner:
         log.info("model %s retired: engine stopped", self.info.label)
 
     @property
+    def active(self) -> int:
+        """Requests running on this version right now."""
+        return self._active
+
+    @property
     def healthy(self) -> bool:
         return self.driver._error is None
 

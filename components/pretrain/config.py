@@ -244,11 +244,11 @@ class RaySection:
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = ".lmforge/runs/pretrain"  # checkpoints/, model/ and config.yaml go here
+    output_dir: str = "out/pretrain"  # checkpoints/, model/ and config.yaml go here
     run_name: str | None = None  # MLflow run name; None = the output directory's name
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=lambda: DataSection(shards_dir=".lmforge/tokens"))
+    data: DataSection = field(default_factory=lambda: DataSection(shards_dir="out/tokens"))
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)

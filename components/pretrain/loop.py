@@ -132,7 +132,7 @@ def train(
             tokens_per_s = window_steps * cfg.tokens_per_step / seconds
             record = {
                 "train/loss": mean_loss,
-                "train/lr": scheduler.get_last_lr()[-1],
+                "train/lr": max(scheduler.get_last_lr()),  # the full-rate groups (layer-wise decay scales the rest down)
                 "train/grad_norm": float(grad_norm),
                 "train/loss_scale": engine.loss_scale(),
                 "train/tokens_per_s": tokens_per_s,

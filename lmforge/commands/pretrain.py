@@ -51,7 +51,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     summary = result_summary(result)
     if result.preempted:
         console.print(f"[yellow]stopped[/yellow] at step {result.step}: checkpoint {result.checkpoint_dir}; "
-                      f"continue with: lmforge pretrain --config {args.config} --resume auto")
+                      "continue by running the same command with --resume auto")
         return EXIT_PREEMPTED
     loss = summary.get("val/loss", summary.get("train/loss"))
     console.print(f"[green]pretrained[/green] {result.model_dir} ({result.step} steps"

@@ -11,7 +11,6 @@ from model.constrained import AllowedTokens
 from model.generation import (
     SamplingParams,
     SamplingParamsError,
-    apply_decode_layout,
     apply_penalties,
     generate,
     generate_batch,
@@ -231,24 +230,3 @@ def test_allow_list_constraint(model):
     assert len(out.token_ids) == 2 and out.completions[0].finish_reason == "stop"
     with pytest.raises(ValueError, match="outside the vocabulary"):
         AllowedTokens([5000], vocab_size=1024)
-
-
-def test_decode_layout_changes_nothing_but_speed(model):
-    torch.manual_seed(0)
-    tied = Transformer(ModelConfig.from_name("tiny", init_std=0.2)).eval()
-    before = generate(tied, PROMPTS[0], GREEDY).token_ids
-    state = {k: v.clone() for k, v in tied.state_dict().items()}
-    apply_decode_layout(tied)
-    assert not tied.lm_head.weight.is_contiguous()  # wide matrices become column-major
-    assert tied.model.layers[0].mlp.down_proj.weight.is_contiguous()  # narrow ones stay row-major
-    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # still tied
-    assert all(torch.equal(state[k], v) for k, v in tied.state_dict().items())
-    assert generate(tied, PROMPTS[0], GREEDY).token_ids == before
-
-
-@pytest.mark.slow  # torch.compile takes tens of seconds on CPU
-def test_compiled_static_shape_engine_matches_eager(model):
-    prompts = PROMPTS[:2]
-    eager = [o.token_ids for o in generate_batch(model, prompts, GREEDY)]
-    compiled = [o.token_ids for o in generate_batch(model, prompts, GREEDY, compile=True)]
-    assert compiled == eager
