@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "lmforge.commands.run",
     "lmforge.commands.curate",
     "lmforge.commands.tokenize",
+    "lmforge.commands.serve",
 ]
 
 

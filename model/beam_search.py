@@ -119,7 +119,7 @@ def beam_search(model: torch.nn.Module, prompt_ids: Sequence[int], params: BeamS
     cache = KVCache.for_model(model, beams, len(prompt) + params.max_new_tokens)
     first = cache.rows(0, 1)
     first.active_len = len(prompt)
-    logits = model(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device), first)[:, -1]
+    logits = model(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device), first, last_only=True)[:, -1]
     cache.copy_row(0, list(range(1, beams)), len(prompt))
     logits = logits.expand(beams, -1)
 

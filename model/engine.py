@@ -227,7 +227,7 @@ class Engine:
         view = self._view(first, first + 1)
         view.active_len = n
         ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model(ids, torch.arange(n, device=self.device), view)[0, -1]  # (V,)
+        logits = self.model(ids, torch.arange(n, device=self.device), view, last_only=True)[0, -1]  # (V,)
         self.cache.copy_row(first, [s.slot for s in request.sequences[1:]], n)
         for seq in request.sequences:
             self._advance(seq, seq.chooser.choose(logits, seq.tokens), events)

@@ -190,6 +190,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,  # (T,) or (B, T) absolute positions; None = 0..T-1
         kv_cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,  # bool (B or 1, 1, T, S), True = may attend
+        last_only: bool = False,  # logits for the last position only (prefill: skips T-1 vocab projections)
     ) -> torch.Tensor:
         B, T = input_ids.shape
         if positions is None and kv_cache is not None:
@@ -202,8 +203,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv_cache, positions, attn_mask)
+        if last_only:
+            x = x[:, -1:]
         x = self.model.norm(x)
-        return self.lm_head(x)  # (B, T, vocab)
+        return self.lm_head(x)  # (B, T or 1, vocab)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -538,6 +538,8 @@ def create_app(service: APIService) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError):
+        if err.status == 503:  # overload: tell clients when to come back (configurable)
+            err.headers["Retry-After"] = str(service.cfg.retry_after_s)
         return _error_response(err)
 
     @app.exception_handler(StarletteHTTPException)

@@ -107,7 +107,7 @@ class RouterDeployment:
         _configure_logging()
         config = build_serve_config(cfg)
         auth = Authenticator.from_config(config)  # reads the keys here, in the replica; refuses an open non-loopback bind
-        log.warning(auth.describe(config.host)) if auth.open_access else log.info(auth.describe(config.host))
+        log.log(logging.WARNING if auth.open_access else logging.INFO, auth.describe(config.host))
         self.service = APIService(config, {v: RayBackend(h) for v, h in models.items()}, auth=auth)
 
     def __serve_build_asgi_app__(self):

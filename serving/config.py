@@ -134,7 +134,7 @@ class ServeConfig:
     route_prefix: str = "/"
     max_body_bytes: int = 1_048_576  # larger request bodies are refused with 413
     default_max_tokens: int = 16  # /v1/completions default (OpenAI's); chat defaults to the rest of the context
-    retry_after_s: int = 1  # Retry-After seconds sent with 429/503
+    retry_after_s: int = 1  # Retry-After seconds sent with 503 (a 429 sends the key's actual wait)
 
     # ---- authentication (secrets are read by the router, never stored in the config)
     api_keys_env: str = "LMFORGE_API_KEYS"  # env var holding comma-separated keys

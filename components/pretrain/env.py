@@ -5,7 +5,8 @@ collected here, behind one small class:
   - rank / world size / device, and the torch.distributed process group (Ray Train creates it on
     its workers; in-process runs create a one-process gloo group only when FSDP or DeepSpeed need
     one),
-  - stop requests (SIGTERM in-process; on Ray, a flag the driver sets, see `trainer.py`),
+  - stop requests (SIGTERM or a first Ctrl-C: in-process a local flag; on Ray a flag the driver
+    sets, see `trainer.py`),
   - where a checkpoint is staged and how it is published (in-process: an atomic rename inside
     `<output_dir>/checkpoints` and pruning to the last K; on Ray: `ray.train.report`, which merges
     every rank's files into one checkpoint directory in the run's storage and keeps the last K),
@@ -19,8 +20,9 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -62,18 +64,10 @@ class RunEnv:
                                 timeout=timedelta(minutes=10))
 
     # ---- stop requests ----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def stop_on_sigterm(self) -> Iterator[None]:
-        """While training, SIGTERM (preemption) sets the stop flag instead of killing the process;
-        the loop then writes a checkpoint and returns. Only the main thread may install handlers."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._stop.set())
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    def stop_on_signals(self) -> contextlib.AbstractContextManager:
+        """While training, SIGTERM (preemption) or a first Ctrl-C sets the stop flag instead of
+        killing the process; the loop then writes a checkpoint and returns."""
+        return graceful_stop(self.request_stop)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -104,3 +98,32 @@ class RunEnv:
         os.replace(staged, final)
         checkpointing.prune(self.checkpoints_dir, self.keep_last)
         return final
+
+
+@contextlib.contextmanager
+def graceful_stop(request: Callable[[], None]) -> Iterator[None]:
+    """Within the block, SIGTERM and a first Ctrl-C call `request()` (checkpoint and stop); a
+    second Ctrl-C raises KeyboardInterrupt at once. Only the main thread may install handlers, so
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous_term = signal.getsignal(signal.SIGTERM)
+    previous_int = signal.getsignal(signal.SIGINT)
+
+    def on_term(signum, frame) -> None:
+        request()
+
+    def on_int(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts
+        print("[pretrain] Ctrl-C: checkpointing and stopping (press Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        request()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_int)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+

@@ -79,7 +79,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None, on_step: OnStep 
         history: list[dict[str, float]] = []
         if cfg.local:
             env = RunEnv(cfg.checkpoints_dir(), cfg.checkpoint.keep_last, start, use_gpu=cfg.ray.use_gpu)
-            with env.stop_on_sigterm():
+            with env.stop_on_signals():
                 result = train(cfg, model_cfg, env, tracker, info=info, on_step=on_step)
             checkpoint = Path(result.checkpoint) if result.checkpoint else None
             metrics, preempted, step, history = result.metrics, result.preempted, result.step, result.history

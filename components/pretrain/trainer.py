@@ -13,21 +13,18 @@ reuses the directory; `ray.train.get_checkpoint()` inside the workers then retur
 as it does after a failure. An explicit `--resume PATH` into a fresh directory is passed to the
 workers and used only while Ray has no checkpoint of its own.
 
-Preemption: SIGTERM to the driver sets a flag in a small actor; rank 0 polls it on log steps and
-the workers agree (one all-reduce), checkpoint, and return. `ray.train.report` is called only with
+Preemption: SIGTERM (or a first Ctrl-C) to the driver sets a flag in a small actor; rank 0 polls it
+on log steps and the workers agree (one all-reduce), checkpoint, and return. `ray.train.report` is called only with
 checkpoints (each call is a barrier that costs up to RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
 default); metrics go to MLflow directly from rank 0.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from components.pretrain import checkpointing
 from components.pretrain.config import PretrainConfig
-from components.pretrain.env import RunEnv
+from components.pretrain.env import RunEnv, graceful_stop
 from components.pretrain.loop import OnStep, train
 from components.pretrain.tracking import open_tracker
 from model.config import ModelConfig
@@ -120,17 +117,25 @@ def _worker(config: dict[str, Any]) -> None:
     train(cfg, config["model_cfg"], env, tracker, info=config["info"], on_step=config["on_step"])
 
 
-@contextlib.contextmanager
-def _sigterm_sets(flag: Any) -> Iterator[None]:
-    """While fit() runs, SIGTERM asks the workers to checkpoint and stop instead of killing the driver."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set.remote())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _fit(trainer: TorchTrainer, stop_flag: Any) -> ray.train.Result:
+    """trainer.fit() in a helper thread, so that the main thread stays free to handle SIGTERM /
+    Ctrl-C at once (a main thread blocked inside Ray notices signals only about once a second)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="lmforge-ray-fit", daemon=True)
+    with graceful_stop(lambda: stop_flag.set.remote()):
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _ensure_ray(cfg: PretrainConfig) -> bool:
@@ -179,8 +184,7 @@ def run_on_ray(
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             ),
         )
-        with _sigterm_sets(stop_flag):
-            result = trainer.fit()
+        result = _fit(trainer, stop_flag)
         checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
         if checkpoint is not None and not checkpoint.exists():  # remote storage: fetch it for consolidation
             checkpoint = Path(result.checkpoint.to_directory())

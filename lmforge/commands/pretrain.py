@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train the lmforge transformer on the token shards written by `lmforge tokenize`, on Ray Train "
         "workers (a local Ray, or the cluster in $RAY_ADDRESS) or in this process (--local). Checkpoints go to "
         "<output_dir>/checkpoints, the final model (Hugging Face layout) to <output_dir>/model, metrics to MLflow. "
-        "SIGTERM checkpoints and stops (exit 143); continue with --resume auto.",
+        "SIGTERM or Ctrl-C checkpoints and stops (exit 143; a second Ctrl-C aborts); continue with --resume auto.",
     )
     p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/pretrain-tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

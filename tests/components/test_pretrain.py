@@ -238,11 +238,12 @@ def test_fsdp_in_process_resumes_exactly(shards: Path, tmp_path: Path) -> None:
     ddp = pretrain(tiny_config(shards, tmp_path / "ddp", "eval.every=0"))
     cfg = tiny_config(shards, tmp_path / "fsdp", "strategy.name=fsdp", "eval.every=0")
 
-    def stop_at_3(step: int, rank: int) -> None:
+    def ctrl_c_at_3(step: int, rank: int) -> None:
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C checkpoints and stops, like SIGTERM
 
-    assert pretrain(cfg, on_step=stop_at_3).preempted
+    assert pretrain(cfg, on_step=ctrl_c_at_3).preempted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored afterwards
     fsdp = pretrain(cfg, resume="auto")
     state = checkpointing.read_state(fsdp.checkpoint_dir)
     assert state["strategy"] == "fsdp" and any(f.endswith(".distcp") for f in state["files"]["0"])

@@ -63,7 +63,7 @@ def test_ddp_preemption_resume_and_worker_kill(ray_local, shards: Path, tmp_path
     assert first.checkpoint_dir is not None and checkpointing.read_state(first.checkpoint_dir)["step"] == first.step
 
     def kill_rank1_at_9(step: int, rank: int) -> None:
-        if rank == 1 and step == 9 and not marker.exists():
+        if rank == 1 and step == 9 and not marker.exists():  # after the step-8 checkpoint
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies; no Python cleanup
 

@@ -119,7 +119,7 @@ class EosAfter(torch.nn.Module):
         super().__init__()
         self.inner, self.config, self.eos, self.from_position = inner, inner.config, eos, from_position
 
-    def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None):
+    def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None, last_only=False):
         logits = self.inner(input_ids, positions, kv_cache, attn_mask).clone()
         pos = positions if positions is not None else torch.arange(input_ids.shape[1])
         logits[..., self.eos] += 1000.0 * (pos >= self.from_position).to(logits.dtype)

@@ -28,7 +28,7 @@ class BigramLM(nn.Module):
         self.config = ModelConfig(vocab_size=vocab, d_model=8, n_layers=1, n_heads=1, max_seq_len=64, eos_token_id=eos)
         self.logprobs = nn.Parameter(torch.tensor(probs).log(), requires_grad=False)
 
-    def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None):
+    def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None, last_only=False):
         return self.logprobs[input_ids]  # (B, T, V)
 
 

@@ -25,14 +25,14 @@ def draft():
     return tiny(1, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("prompt", [[1, 2, 3, 4, 5], [42]])
 def test_greedy_equals_target_greedy(target, draft, prompt, k):
-    params = SamplingParams(max_new_tokens=17, temperature=0)
+    params = SamplingParams(max_new_tokens=13, temperature=0)
     out = speculative_generate(target, draft, prompt, params, num_draft_tokens=k)
     assert out.token_ids == generate(target, prompt, params).token_ids
     assert out.finish_reason == "length"
-    assert out.target_forwards <= 17
+    assert out.target_forwards <= 13
 
 
 def test_a_perfect_draft_is_always_accepted(target):

@@ -133,3 +133,12 @@ def test_bf16_forward_runs_and_rope_tables_stay_fp32():
     assert model.rotary.cos.dtype == torch.float32
     logits = model(torch.randint(0, 1024, (1, 8)))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_last_only_returns_the_last_positions_logits(tiny):
+    x = torch.randint(0, 1024, (2, 12))
+    with torch.no_grad():
+        full = tiny(x)
+        last = tiny(x, last_only=True)
+    assert last.shape == (2, 1, 1024)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ TEXTS = [
 ] * 20
 
 
-def make_model_dir(root: Path, tokenizer_dir: Path, seed: int, name: str = "tiny-model") -> Path:
+def make_model_dir(root: Path, tokenizer_dir: Path, seed: int, name: str = "tiny-model",
+                   max_seq_len: int = 128) -> Path:
     """A tiny random model whose vocabulary matches the tokenizer; `seed` makes versions differ."""
     from components.tokenizer import TokenizerInfo
     from model.checkpoint import save_model_dir
@@ -28,7 +30,7 @@ def make_model_dir(root: Path, tokenizer_dir: Path, seed: int, name: str = "tiny
     info = TokenizerInfo.from_dir(tokenizer_dir)
     torch.manual_seed(seed)
     # a larger init makes the random logits peaked, so greedy choices are far from ties
-    cfg = ModelConfig.from_name("tiny", vocab_size=info.vocab_size, max_seq_len=128, init_std=0.3,
+    cfg = ModelConfig.from_name("tiny", vocab_size=info.vocab_size, max_seq_len=max_seq_len, init_std=0.3,
                                 bos_token_id=info.bos_id, eos_token_id=info.eos_id, pad_token_id=info.pad_id)
     model = Transformer(cfg).eval()
     return save_model_dir(model, root / name, tokenizer_dir=tokenizer_dir)
@@ -60,3 +62,30 @@ def _no_ambient_keys(monkeypatch):
     monkeypatch.delenv("LMFORGE_API_KEYS", raising=False)
     monkeypatch.delenv("LMFORGE_ADMIN_API_KEYS", raising=False)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@dataclass
+class Registry:
+    tracking_uri: str
+    client: object  # serving.registry.RegistryClient
+    name: str
+    versions: dict[str, Path]  # version -> the model directory registered as it
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory, tokenizer_dir) -> Registry:
+    """A real MLflow registry (sqlite + local artifacts) holding two versions of "tiny"; the alias
+    "champion" points at version 1. Tests that move the alias put it back."""
+    from serving.registry import RegistryClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = RegistryClient(uri)
+    dirs = {}
+    for seed in (0, 1):
+        # a longer context than the other fixtures: long generations stay in flight across a swap
+        model_dir = make_model_dir(root / "src", tokenizer_dir, seed, name=f"tiny-v{seed + 1}", max_seq_len=1024)
+        version = client.register_model_dir(model_dir, "tiny", alias="champion" if seed == 0 else None)
+        dirs[version.version] = model_dir
+    assert sorted(dirs) == ["1", "2"]
+    return Registry(uri, client, "tiny", dirs)

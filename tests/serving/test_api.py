@@ -337,7 +337,7 @@ def _wait_for(condition, timeout: float = 20.0) -> None:
 
 
 def test_queue_full_is_503_with_retry_after(model_dir):
-    cfg = make_config(model_dir, engine={"num_slots": 1, "max_queue": 1})
+    cfg = make_config(model_dir, engine={"num_slots": 1, "max_queue": 1}, retry_after_s=2)
     s = ModelServer(cfg)
     try:
         _slow_down(s.current, 0.02)
@@ -355,7 +355,7 @@ def test_queue_full_is_503_with_retry_after(model_dir):
         second = loop.run_until_complete(hold("two"))  # waits in the queue
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "three", "max_tokens": 2})
         assert r.status_code == 503, r.text
-        assert r.json()["error"]["type"] == "overloaded_error" and r.headers["Retry-After"] == "1"
+        assert r.json()["error"]["type"] == "overloaded_error" and r.headers["Retry-After"] == "2"
         for agen in (first, second):
             loop.run_until_complete(agen.aclose())
         _wait_for(lambda: s.current.engine.num_running == 0 and s.current.engine.num_waiting == 0)
