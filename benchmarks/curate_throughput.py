@@ -84,7 +84,7 @@ sys.path.insert(0, {repo!r})
 from components.curate import CurateConfig, curate
 t = time.perf_counter()
 r = curate([{corpus!r}], {out!r}, CurateConfig(num_workers={workers}), overwrite=True, progress=False)
-print(json.dumps({{"seconds": time.perf_counter() - t, **r.metrics}}))
+print(json.dumps({{"seconds": time.perf_counter() - t, **r.metrics()}}))
 """
 
 

@@ -56,7 +56,6 @@ class TokenizeResult:
     documents: dict[str, int] = field(default_factory=dict)  # per split
     files: dict[str, list[Path]] = field(default_factory=dict)
 
-    @property
     def metrics(self) -> dict[str, Any]:
         return {
             "total_tokens": sum(self.tokens.values()),

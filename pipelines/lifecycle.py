@@ -120,24 +120,24 @@ def run_lifecycle(cfg: LifecycleConfig, log: Callable[[str], None] = print) -> L
 
     def do_curate() -> dict[str, Any]:
         result = curate(cfg.inputs, data_dir, cfg.curate, overwrite=True)
-        return {"output": str(data_dir), **_metrics(result)}
+        return {"output": str(data_dir), **result.metrics()}
 
     def do_tokenizer() -> dict[str, Any]:
         result = train_tokenizer(
             [data_dir / "train"], tok_dir, vocab_size=cfg.tokenizer.vocab_size,
             min_frequency=cfg.tokenizer.min_frequency, holdout_fraction=cfg.tokenizer.holdout_fraction,
         )
-        return {"output": str(tok_dir), **_metrics(result)}
+        return {"output": str(tok_dir), **result.metrics()}
 
     def do_tokenize() -> dict[str, Any]:
         result = tokenize_dataset(data_dir, tok_dir, shards_dir, overwrite=True)
-        return {"output": str(shards_dir), **_metrics(result)}
+        return {"output": str(shards_dir), **result.metrics()}
 
     def do_pretrain() -> dict[str, Any]:
         result = pretrain(dataclasses.replace(pretrain_cfg), resume=None)
         if result.model_dir is None:
             raise RuntimeError("pretraining stopped before writing a model (preempted?)")
-        return {"model_dir": str(result.model_dir), "mlflow_run_id": result.mlflow_run_id, **_metrics(result)}
+        return {"model_dir": str(result.model_dir), "mlflow_run_id": result.mlflow_run_id, **result.metrics}
 
     step("curate", do_curate)
     step("tokenizer", do_tokenizer)
@@ -152,11 +152,6 @@ def run_lifecycle(cfg: LifecycleConfig, log: Callable[[str], None] = print) -> L
 
     samples = step("generate", lambda: {"samples": _generate(model_dir, cfg.generate)})["samples"]
     return LifecycleResult(work, model_dir, registered, samples, record)
-
-
-def _metrics(result: Any) -> dict[str, Any]:
-    metrics = result.metrics
-    return metrics() if callable(metrics) else metrics
 
 
 def _register(model_dir: Path, section: RegisterSection, run_id: str | None) -> dict[str, Any]:

@@ -42,7 +42,6 @@ class CurateResult:
     files: dict[str, list[Path]]  # per split
     datacard: dict[str, Any]
 
-    @property
     def metrics(self) -> dict[str, int]:
         c = self.datacard
         return {

@@ -39,7 +39,7 @@ def _curate(args: argparse.Namespace) -> int:
 
     cfg = load(CurateConfig, args.config, args.overrides)
     result = curate(args.input, args.output, cfg, overwrite=args.overwrite, progress=not args.no_progress)
-    m, card = result.metrics, result.datacard
+    m, card = result.metrics(), result.datacard
     console = Console(soft_wrap=True)
     console.print(
         f"[green]curated[/green] {m['documents_in']:,} documents ({m['bytes_in']:,} bytes) -> kept {m['documents_kept']:,} "

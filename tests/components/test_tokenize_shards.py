@@ -100,7 +100,7 @@ def test_existing_output_needs_overwrite(tmp_path: Path, tokenizer_dir: Path) ->
         tokenize_dataset(data, tokenizer_dir, tmp_path / "tok", progress=False)
     res = tokenize_dataset(data, tokenizer_dir, tmp_path / "tok", overwrite=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "tok").glob("*.bin")) == ["train-00000.bin", "validation-00000.bin"]
-    assert res.metrics["total_documents"] == 42
+    assert res.metrics()["total_documents"] == 42
 
 
 def test_bad_inputs(tmp_path: Path, tokenizer_dir: Path) -> None:
