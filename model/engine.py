@@ -309,7 +309,8 @@ class RequestStream:
     def __init__(self, driver: EngineDriver, request_id: str, n: int) -> None:
         self.request_id = request_id
         self._driver = driver
-        self._remaining = n
+        self._remaining = n  # samples not yet finished, as seen by the consumer
+        self._open_samples = n  # samples not yet finished, as seen by the driver thread
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
@@ -426,5 +427,9 @@ class EngineDriver:
                     if stream is None:
                         continue
                     stream._deliver(event)
-                    if event.finish_reason is not None and event.request_id not in self.engine._requests:
-                        self._streams.pop(event.request_id, None)
+                    if event.finish_reason is not None:
+                        # route until the LAST of the request's n samples has finished: samples
+                        # finishing in the same step all arrive in this batch of events
+                        stream._open_samples -= 1
+                        if stream._open_samples == 0:
+                            self._streams.pop(event.request_id, None)

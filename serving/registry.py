@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.tracking import default_artifact_root, default_tracking_uri, experiment_id
 
 SCHEME = "models:/"
 DEFAULT_EXPERIMENT = "lmforge-models"
@@ -83,16 +84,6 @@ def parse_model_uri(uri: str) -> ModelRef:
     raise RegistryError(f"{uri!r} is malformed: expected models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the embedded default: sqlite under ./.lmforge (no server needed)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    root = Path.cwd() / ".lmforge"
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LMFORGE_MODEL_CACHE", Path.home() / ".cache" / "lmforge" / "models"))
 
@@ -109,9 +100,7 @@ class RegistryClient:
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        if artifact_root is None and self.tracking_uri.startswith("sqlite:///"):
-            artifact_root = str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts")
-        self.artifact_root = artifact_root
+        self.artifact_root = artifact_root if artifact_root is not None else default_artifact_root(self.tracking_uri)
 
     # ---- reading ------------------------------------------------------------------------------
     def resolve(self, ref: ModelRef | str) -> ResolvedVersion:
@@ -182,13 +171,7 @@ class RegistryClient:
             raise RegistryError(f"{model_dir} is not a model directory (config.json missing)")
         from mlflow.exceptions import MlflowException
 
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is not None:
-            experiment_id = exp.experiment_id
-        else:
-            location = f"{self.artifact_root.rstrip('/')}/{_safe(experiment)}" if self.artifact_root else None
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        run = self.client.create_run(experiment_id, run_name=run_name or f"register-{name}", tags=tags or {})
+        run = self.client.create_run(experiment_id(self.client, experiment, self.artifact_root), run_name=run_name or f"register-{name}", tags=tags or {})
         try:
             self.client.log_artifacts(run.info.run_id, str(model_dir), artifact_path=ARTIFACT_PATH)
             self.client.set_terminated(run.info.run_id, "FINISHED")

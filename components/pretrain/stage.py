@@ -25,7 +25,8 @@ from components.pretrain import checkpointing
 from components.pretrain.config import PretrainConfig, describe
 from components.pretrain.env import RunEnv
 from components.pretrain.loop import OnStep, train
-from components.pretrain.tracking import MlflowTracker, Tracker, default_tracking_uri, flatten, plot_loss_curve
+from components.pretrain.tracking import MlflowTracker, Tracker, flatten, plot_loss_curve
+from lmforge.tracking import default_tracking_uri
 from components.token_dataset import PackedTokenDataset, read_index
 from lmforge.config import to_dict
 from model.config import ConfigError, ModelConfig

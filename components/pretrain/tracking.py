@@ -20,16 +20,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-DEFAULT_HOME = ".lmforge"
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else an sqlite file under ./.lmforge (absolute, so workers agree)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    home = Path(DEFAULT_HOME).resolve()
-    return f"sqlite:///{home / 'mlflow.db'}"
+from lmforge.tracking import default_artifact_root, experiment_id
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -92,15 +83,8 @@ class MlflowTracker(Tracker):
             else:
                 client.update_run(run_id, status="RUNNING")
                 return cls(tracking_uri, run_id)
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            artifacts = None
-            if tracking_uri.startswith("sqlite:///"):  # keep artifacts beside the db, not in ./mlruns
-                artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=artifacts)
-        run = client.create_run(experiment_id, run_name=run_name, tags={"lmforge.stage": "pretrain"})
+        exp_id = experiment_id(client, experiment, default_artifact_root(tracking_uri))
+        run = client.create_run(exp_id, run_name=run_name, tags={"lmforge.stage": "pretrain"})
         return cls(tracking_uri, run.info.run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:

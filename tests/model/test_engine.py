@@ -196,3 +196,20 @@ def test_compiled_static_shape_engine_matches_eager():
     eager = [o.token_ids for o in generate_batch(model, prompts, greedy(8))]
     compiled = [o.token_ids for o in generate_batch(model, prompts, greedy(8), compile=True)]
     assert compiled == eager
+
+
+def test_driver_delivers_every_sample_of_an_n_request(model):
+    """All n samples finish in the same step; the stream must still end after the last of them."""
+    params = SamplingParams(max_new_tokens=5, temperature=0, n=3)
+    with EngineDriver(Engine(model, num_slots=4, max_len=32)) as driver:
+        events = list(driver.submit([1, 2, 3], params))
+
+        async def consume():
+            return [e async for e in driver.submit([4, 5], params)]
+
+        async_events = asyncio.run(asyncio.wait_for(consume(), timeout=60))
+    for got in (events, async_events):
+        finished = sorted(e.index for e in got if e.finish_reason is not None)
+        assert finished == [0, 1, 2]
+        per_sample = [[e.token_id for e in got if e.index == i and e.token_id is not None] for i in range(3)]
+        assert per_sample[0] == per_sample[1] == per_sample[2] and len(per_sample[0]) == 5
