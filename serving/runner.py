@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -264,37 +264,31 @@ class ModelRunner:
             yield bad_request(f"n: at most {self.info.num_slots} choices per prompt on this server "
                               f"(engine.num_slots), got {params.n}", "n").event()
             return
-        streams = []
-        try:
-            for i, choice_params in enumerate(_per_choice(params)):
-                rid = request.request_id if params.n == 1 else f"{request.request_id}#{i}"
-                streams.append(self.driver.submit(ids, choice_params, request_id=rid))
+        try:  # one engine request for all n choices: they share the prompt's prefill
+            stream = self.driver.submit(ids, params, request_id=request.request_id)
         except QueueFull as err:
-            for stream in streams:
-                stream.cancel()
             yield APIError(503, f"the server is busy: {err}", "overloaded_error", None, "queue_full",
                            {"Retry-After": "1"}).event()
             return
         except (ValueError, RuntimeError) as err:  # duplicate id; RuntimeError: the engine failed
-            for stream in streams:
-                stream.cancel()
             status = 400 if isinstance(err, ValueError) else 503
             yield APIError(status, str(err), "invalid_request_error" if status == 400 else "overloaded_error").event()
             return
         start["stats"] = self.stats()
         yield start
-        async for event in self._events(streams, request, ids, params):
+        async for event in self._events(stream, request, ids, params):
             yield event
         yield {"type": "end", "stats": self.stats()}
 
-    async def _events(self, streams, request: GenerationRequest, ids: list[int], params: SamplingParams):
+    async def _events(self, stream, request: GenerationRequest, ids: list[int], params: SamplingParams):
         decoders = [TextDecoder(self.tokenizer, ids, request.stop) for _ in range(params.n)]
         counts = [0] * params.n
         open_choices = set(range(params.n))
         engine_done: set[int] = set()  # choices the engine itself has finished
         want_logprobs = request.logprobs is not None
         try:
-            async for i, ev in _merge(streams):
+            async for ev in stream:
+                i = ev.index
                 if ev.finish_reason is not None:
                     engine_done.add(i)
                 if i not in open_choices:
@@ -321,8 +315,7 @@ class ModelRunner:
                         break
         finally:
             if len(engine_done) < params.n:
-                for stream in streams:
-                    stream.cancel()  # client gone or every choice stopped early: free the slots now
+                stream.cancel()  # client gone or every choice stopped early: free the slots now
                 if open_choices:
                     self.aborted += 1
 
@@ -341,52 +334,6 @@ class ModelRunner:
             top = tuple(zip(top_ids[t - 1].tolist(), top_vals[t - 1].tolist())) if k > 0 else ()
             out.append(self.texts.entry(ids[t], chosen[t - 1], top))
         return out
-
-
-def _per_choice(params: SamplingParams) -> list[SamplingParams]:
-    """One engine request per choice, choice i seeded with seed + i (what the engine's own n does).
-
-    Why not the engine's n: RequestStream stops delivering after the first sample of an n > 1
-    request finishes (EngineDriver drops the stream once the request leaves engine._requests, which
-    happens within the same step); separate requests avoid that, at the cost of one prefill per choice."""
-    if params.n == 1:
-        return [params]
-    return [replace(params, n=1, seed=None if params.seed is None else params.seed + i) for i in range(params.n)]
-
-
-async def _merge(streams) -> AsyncIterator[tuple[int, Any]]:
-    """(choice index, TokenEvent) from several RequestStreams as their events arrive."""
-    if len(streams) == 1:
-        async for event in streams[0]:
-            yield event.index, event
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, stream) -> None:
-        try:
-            async for event in stream:
-                await queue.put((i, event))
-        except Exception as err:  # noqa: BLE001 - re-raised by the consumer
-            await queue.put((i, err))
-        finally:
-            await queue.put((i, done))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 _API_NAMES = {"max_new_tokens": "max_tokens", "stop_token_ids": "stop"}
