@@ -280,9 +280,7 @@ def stream_text(
     params = params or SamplingParams()
     if params.n != 1:
         raise UserError("streaming text supports one sample (n=1); use generate_text for n > 1")
-    prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id)
-    params = _with_eos(params, tokenizer, model)
-    decoder = TextDecoder(tokenizer, prompt_ids, stop)
+    prompt_ids, params, decoder = _prepare(model, tokenizer, prompt, params, stop)
     events = stream(model, prompt_ids, params, constraint)
     try:
         for event in events:
@@ -312,12 +310,16 @@ def generate_text(
     params = params or SamplingParams()
     if params.n != 1:
         raise UserError("generate_text returns one sample (n=1)")
-    prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id)
-    params = _with_eos(params, tokenizer, model)
-    decoder = TextDecoder(tokenizer, prompt_ids, stop)
+    prompt_ids, params, decoder = _prepare(model, tokenizer, prompt, params, stop)
     start = time.perf_counter()
     tokens, reason, first = stream_events_as_text(stream(model, prompt_ids, params, constraint), decoder, on_text)
     return TextResult(decoder.text, tokens, reason, len(prompt_ids), first, time.perf_counter() - start)
+
+
+def _prepare(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams, stop: Iterable[str]):
+    """Prompt ids, params that stop at the tokenizer's eos, and a text decoder for the output."""
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id)
+    return prompt_ids, _with_eos(params, tokenizer, model), TextDecoder(tokenizer, prompt_ids, stop)
 
 
 def _with_eos(params: SamplingParams, tokenizer: Tokenizer, model: torch.nn.Module) -> SamplingParams:
@@ -367,9 +369,7 @@ def generate_from_dir(
             f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
             f"{model.config.vocab_size}; they do not belong together"
         )
-    prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id)
-    params = _with_eos(params, tokenizer, model)
-    decoder = TextDecoder(tokenizer, prompt_ids, stop)
+    prompt_ids, params, decoder = _prepare(model, tokenizer, prompt, params, stop)
     start = time.perf_counter()
 
     if num_beams > 1:
