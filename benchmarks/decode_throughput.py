@@ -90,8 +90,12 @@ def cpu_batch1(model: Transformer, model_dir: Path, args, out: Path | None) -> N
 
     variants = {"lmforge": ours, "transformers": theirs}
     compile_s = None
-    if args.compile:  # the engine's static-shape decode step through torch.compile (weights frozen)
-        engine = Engine(model, num_slots=1, max_len=len(prompt) + n, compile=True)
+    if args.compile:  # the engine's static-shape decode step through torch.compile
+        # its own copy of the weights: the compiled one-slot engine lays them out row-major for its
+        # fused reductions, the eager path above keeps apply_decode_layout's GEMV layout
+        from model.checkpoint import load_model_dir
+
+        engine = Engine(load_model_dir(model_dir).eval(), num_slots=1, max_len=len(prompt) + n, compile=True)
 
         def compiled():
             engine.submit(prompt, params)

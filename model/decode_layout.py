@@ -1,4 +1,4 @@
-"""CPU weight layouts for fast decoding: `apply_decode_layout(model) -> model`.
+"""CPU weight layouts for fast decoding: `apply_decode_layout(model, for_compile=False) -> model`.
 
 Decoding multiplies a few rows (one per running sequence) by every weight matrix, once per token.
 With one row the cost is streaming the weights from memory; with a batch of rows it is the matrix
@@ -10,6 +10,12 @@ multiply itself. Measured on a 2-core AMD EPYC with PyTorch's MKL/oneDNN (fp32, 
   pre-packed weights ~36 (16 rows: 17 -> 7.5 ms). So the output head keeps a pre-packed copy for
   multi-row inputs (it is the one matrix large enough for this to matter; the copy costs its size
   in memory).
+
+- one row through `torch.compile` (the engine's static-shape decode step): inductor fuses
+  `(weight * x).sum(-1)` into one vectorised, multi-threaded reduction that streams a row-major
+  weight at ~15 GB/s on 2 cores, against ~7-11 GB/s for MKL's GEMV in either layout (40 MLP-sized
+  matrices: 16.8 ms -> 6.5 ms). `MatvecLinear` does this rewrite only while compiling, only for a
+  single row and only for row-major weights; `for_compile=True` keeps every weight row-major for it.
 
 Values, parameter names, tied weights and the state dict are unchanged and results agree to float
 rounding. Meant for models used for inference: some training code expects contiguous parameters,
@@ -26,15 +32,32 @@ from torch import nn
 PACK_MIN_OUT_FEATURES = 8192  # only an output-head-sized matrix gains from a packed copy
 
 
-class PackedHeadLinear(nn.Linear):
-    """nn.Linear whose multi-row inputs use a oneDNN pre-packed copy of the weight."""
+def _compiled_single_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
+            and weight.is_contiguous())
+
+
+class MatvecLinear(nn.Linear):
+    """nn.Linear whose single-row input, when compiled for CPU, is a reduction inductor can fuse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _compiled_single_row(x, self.weight):
+            y = (self.weight * x.reshape(1, -1)).sum(-1)  # (out,): never materialised once fused
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+class PackedHeadLinear(MatvecLinear):
+    """MatvecLinear whose multi-row inputs use a oneDNN pre-packed copy of the weight."""
 
     packed_rows = 16  # the batch size the packing is tuned for (any batch size is correct)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows <= 1 or x.dtype != torch.float32 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)  # (under torch.compile, inductor picks the GEMM)
+            return super().forward(x)  # (under torch.compile, inductor picks the GEMM or the reduction)
         key = (self.weight.data_ptr(), self.weight._version)
         if key != self._packed_key:  # the weights changed since packing: pack again
             self._pack()
@@ -61,18 +84,27 @@ def _packing_works() -> bool:
 
 
 @torch.no_grad()
-def apply_decode_layout(model: nn.Module) -> nn.Module:
-    """Lay out the model's fp32 CPU linear weights for decoding (see the module docstring)."""
+def apply_decode_layout(model: nn.Module, for_compile: bool = False) -> nn.Module:
+    """Lay out the model's fp32 CPU linear weights for decoding (see the module docstring).
+
+    `for_compile=False` (eager decoding): wide matrices column-major, for MKL's GEMV.
+    `for_compile=True` (a compiled single-row decode step): every matrix row-major, for the fused
+    reduction. Either call may follow the other; the last one decides."""
     pack = None
     for module in model.modules():
         if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
             continue
         weight = module.weight
-        if weight.dtype != torch.float32 or module.out_features <= module.in_features:
+        if weight.dtype != torch.float32:
             continue
-        if weight.is_contiguous():
+        if type(module) is nn.Linear:
+            module.__class__ = MatvecLinear  # same module, parameters and hooks; new forward
+        if for_compile:
+            if not weight.is_contiguous():
+                weight.data = weight.data.contiguous()  # back to row-major: same values, same Parameter
+        elif module.out_features > module.in_features and weight.is_contiguous():
             weight.data = weight.data.t().contiguous().t()  # column-major: same values, same Parameter
-        if module.out_features >= PACK_MIN_OUT_FEATURES and type(module) is nn.Linear:
+        if module.out_features >= PACK_MIN_OUT_FEATURES and type(module) is MatvecLinear:
             pack = _packing_works() if pack is None else pack
             if pack:
                 module.__class__ = PackedHeadLinear  # same module, parameters and hooks; new forward

@@ -47,15 +47,18 @@ class KVCache(nn.Module):
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, D) at `positions`; return this layer's keys/values (B, K, active_len, D)."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
         if positions.dim() == 1:
-            k_cache.index_copy_(2, positions, k)
-            v_cache.index_copy_(2, positions, v)
+            self.k[layer].index_copy_(2, positions, k)
+            self.v[layer].index_copy_(2, positions, v)
         else:
+            # One index_put_ on the whole buffer (the layer as a tensor index too, not a view first):
+            # under torch.compile a write into a view of the cache is functionalised into a copy of
+            # the layer's entire cache every step; a write into the buffer itself stays in place.
             rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1) broadcasts with (B, T)
-            k_cache[rows, :, positions] = k.transpose(1, 2)  # indexed view is (B, T, K, D)
-            v_cache[rows, :, positions] = v.transpose(1, 2)
-        return k_cache[:, :, : self.active_len], v_cache[:, :, : self.active_len]
+            layers = torch.full_like(rows, layer)
+            self.k[layers, rows, :, positions] = k.transpose(1, 2)  # indexed view is (B, T, K, D)
+            self.v[layers, rows, :, positions] = v.transpose(1, 2)
+        return self.k[layer, :, :, : self.active_len], self.v[layer, :, :, : self.active_len]
 
     def causal_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """Boolean mask (B or 1, 1, T, active_len): a token sees every cached key at or before it."""

@@ -80,6 +80,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new query per row, (B, H, 1, D) over cached (B, K, S, D), as plain reductions.
+
+    Same math as SDPA with a boolean mask. Used only when compiling a CPU decode step: there
+    SDPA's flash kernel costs ~150 us per call for a single query, while inductor fuses these
+    few reductions into two small loops (and reads each kv head once for its whole query group)."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    q = q.view(B, K, H // K, 1, D)  # query heads grouped under their kv head
+    scores = (q * k.unsqueeze(2)).sum(-1) * D**-0.5  # (B, K, G, S)
+    scores = scores.masked_fill(~attn_mask.view(attn_mask.shape[0], 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    y = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (B, K, G, D)
+    return y.reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -110,7 +126,9 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, positions, k, v)  # (B, K, S, D)
         # enable_gqa lets each group of query heads read its kv head in place (no repeat_interleave copy)
         gqa = self.n_kv_heads != self.n_heads
-        if attn_mask is None:
+        if T == 1 and attn_mask is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
+            y = decode_attention(q, k, v, attn_mask)
+        elif attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.decode_layout import PackedHeadLinear, apply_decode_layout
+from model.decode_layout import MatvecLinear, PackedHeadLinear, apply_decode_layout
 from model.generation import SamplingParams, generate_batch
 from model.kv_cache import KVCache
 from model.transformer import Transformer
@@ -57,3 +57,27 @@ def test_layout_model_still_decodes_with_a_cache():
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3, 4]] * 2), torch.arange(4), cache)[:, -1]
     torch.testing.assert_close(logits[0], reference.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_for_compile_layout_is_row_major_and_reversible():
+    model = apply_decode_layout(tiny())
+    assert not model.model.layers[0].mlp.up_proj.weight.is_contiguous()
+    apply_decode_layout(model, for_compile=True)
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, MatvecLinear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    apply_decode_layout(model)  # and back to the eager GEMV layout
+    assert not model.model.layers[0].mlp.up_proj.weight.is_contiguous()
+
+
+@pytest.mark.slow  # one small torch.compile (~10 s on CPU)
+def test_matvec_linear_compiled_single_row_equals_linear():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=True)
+    layer.__class__ = MatvecLinear
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        for shape in ((1, 1, 48), (1, 48), (3, 48)):  # one row: the reduction; several: the GEMM
+            x = torch.randn(shape)
+            torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                       atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.kv_cache import KVCache
@@ -142,3 +143,17 @@ def test_last_only_returns_the_last_positions_logits(tiny):
         last = tiny(x, last_only=True)
     assert last.shape == (2, 1, 1024)
     torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_decode_attention_equals_sdpa_with_a_mask(kv_heads):
+    """The reduction form used by compiled CPU decode steps is the same math as masked SDPA."""
+    from model.transformer import decode_attention
+
+    torch.manual_seed(0)
+    B, H, S, D = 3, 4, 11, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, kv_heads, S, D), torch.randn(B, kv_heads, S, D)
+    lengths = torch.tensor([11, 5, 1])  # each row sees a different prefix of the cache
+    mask = (torch.arange(S) < lengths.unsqueeze(1)).view(B, 1, 1, S)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != H)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
