@@ -86,7 +86,8 @@ class Engine:
         """`max_len` bounds prompt + new tokens of every request (default: the model's context).
         `compile=True` decodes with static shapes (all slots, full cache) through torch.compile, and
         CUDA graphs on a GPU: slower to start (tens of seconds), faster per token where per-op
-        overhead dominates (small models, GPUs)."""
+        overhead dominates (small models, GPUs). With one slot on a CPU it also lays the model's
+        fp32 weights out row-major (`apply_decode_layout(model, for_compile=True)`), in place."""
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"engine.num_slots must be an integer >= 1, got {num_slots!r}")
         if not isinstance(max_queue, int) or max_queue < 0:

@@ -217,3 +217,30 @@ def test_driver_delivers_every_sample_of_an_n_request(model):
         assert finished == [0, 1, 2]
         per_sample = [[e.token_id for e in got if e.index == i and e.token_id is not None] for i in range(3)]
         assert per_sample[0] == per_sample[1] == per_sample[2] and len(per_sample[0]) == 5
+
+
+@pytest.mark.slow  # three small torch.compile runs on CPU
+def test_compiled_engines_side_by_side_keep_their_own_models_and_caches():
+    """Compiled engines share one decode function's code, and after warm-up Dynamo's guards are
+    skipped: interleaved steps of engines over different weights, depths and caches must still
+    each produce their own model's eager output (an A/B split serves two versions this way)."""
+    from model.generation import generate
+
+    def tiny(seed: int, **overrides) -> Transformer:
+        torch.manual_seed(seed)
+        return Transformer(ModelConfig.from_name("tiny", init_std=0.2, **overrides)).eval()
+
+    models = [tiny(0), tiny(1), tiny(2, n_layers=1)]  # same shapes, other weights; another depth
+    prompt = [3, 1, 4, 1, 5]
+    expected = [generate(m, prompt, greedy(6)).token_ids for m in models]
+    assert len({tuple(e) for e in expected}) > 1  # the models really disagree
+    engines = [Engine(m, num_slots=1, max_len=32, compile=True) for m in models]
+    for _ in range(2):  # the second round runs with guard evaluation skipped
+        outputs: list[list[int]] = [[] for _ in engines]
+        for engine in engines:
+            engine.submit(prompt, greedy(6))
+        while any(e.has_work() for e in engines):
+            for i, engine in enumerate(engines):
+                if engine.has_work():
+                    outputs[i] += [ev.token_id for ev in engine.step() if ev.token_id is not None]
+        assert outputs == expected
