@@ -2,6 +2,10 @@
 LR schedule, data loading) in tokens/s, against transformers' LlamaForCausalLM driven by the same
 optimizer, schedule, clipping and batches, at identical dimensions and identical initial weights.
 
+The loss is each side's own training path: lmforge's loop calls `model(inputs, targets=...)` (the fused
+output projection + cross-entropy of model/fused_loss.py), transformers' model is driven through its
+logits and `F.cross_entropy`, as its users train it.
+
 (benchmarks/train_step_throughput.py measures the model alone, forward + backward; this one is the
 whole optimizer step as `lmforge pretrain` runs it.)
 

@@ -19,6 +19,7 @@ _LAZY = {
     "Transformer": "model.transformer",
     "apply_activation_checkpointing": "model.transformer",
     "cross_entropy_loss": "model.transformer",
+    "fused_linear_cross_entropy": "model.fused_loss",
 }
 
 __all__ = ["PRESETS", "ConfigError", "ModelConfig", *_LAZY]

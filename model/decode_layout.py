@@ -97,7 +97,7 @@ def apply_decode_layout(model: nn.Module, for_compile: bool = False) -> nn.Modul
         weight = module.weight
         if weight.dtype != torch.float32:
             continue
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or type(module).__name__ == "LMHead":  # LMHead: its loss path is for training
             module.__class__ = MatvecLinear  # same module, parameters and hooks; new forward
         if for_compile:
             if not weight.is_contiguous():

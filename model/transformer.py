@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.fused_loss import fused_linear_cross_entropy
 from model.kv_cache import KVCache
 
 
@@ -173,15 +174,29 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
+class LMHead(nn.Linear):
+    """The output projection. Called with `targets`, it returns the mean next-token loss through the
+    fused projection + cross-entropy (model/fused_loss.py) instead of logits: the training path.
+
+    The loss goes through the module call (not a bare use of `weight`) so that wrappers which gather
+    a module's parameters around its forward (DeepSpeed ZeRO-3, FSDP) see the head being used."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return fused_linear_cross_entropy(x, self.weight, targets, ignore_index=ignore_index)
+
+
 class Transformer(nn.Module):
-    """Causal language model; `forward` maps token ids (B, T) to next-token logits (B, T, vocab)."""
+    """Causal language model; `forward` maps token ids (B, T) to next-token logits (B, T, vocab),
+    or, given `targets`, to the mean next-token loss without materialising the logits."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         assert cfg.head_dim is not None
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -209,8 +224,13 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,  # bool (B or 1, 1, T, S), True = may attend
         last_only: bool = False,  # logits for the last position only (prefill: skips T-1 vocab projections)
+        targets: torch.Tensor | None = None,  # (B, T) next-token ids (-100 = not scored): return the mean loss
     ) -> torch.Tensor:
         B, T = input_ids.shape
+        if targets is not None and (last_only or kv_cache is not None):
+            raise ValueError("targets (training loss) cannot be combined with last_only or a KV cache")
+        if targets is not None and targets.shape != input_ids.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         if positions is None and kv_cache is not None:
             raise ValueError("decoding with a KV cache needs explicit token positions")
         if positions is None and T > self.config.max_seq_len:
@@ -224,6 +244,8 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
+        if targets is not None:
+            return self.lm_head(x, targets=targets)  # 0-dim fp32 loss
         return self.lm_head(x)  # (B, T or 1, vocab)
 
     def num_params(self) -> int:

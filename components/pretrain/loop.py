@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from components.pretrain import checkpointing, strategies
 from components.pretrain.config import PretrainConfig
@@ -31,7 +30,7 @@ from components.pretrain.tracking import ConsoleProgress, Tracker
 from components.token_dataset import PackedTokenDataset
 from model.checkpoint import load_model_dir
 from model.config import ModelConfig
-from model.transformer import Transformer, cross_entropy_loss
+from model.transformer import Transformer
 
 # Peak dense bf16 FLOP/s per device (../shared/docs/anchors.md), matched against the CUDA device name.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -112,7 +111,8 @@ def train(
             targets = targets.to(env.device, non_blocking=True)
             with engine.accumulate(sync=i == accum - 1):  # all-reduce gradients on the last one only
                 with engine.autocast():
-                    loss = cross_entropy_loss(engine.model(inputs), targets)
+                    # the model returns the loss through its fused head + cross-entropy (no logits tensor)
+                    loss = engine.model(inputs, targets=targets)
                 engine.backward(loss / accum)
             loss_sum += loss.detach() / accum
         grad_norm = engine.step()
@@ -191,8 +191,7 @@ def evaluate(engine: strategies.Engine, data: PackedTokenDataset, max_batches: i
     for inputs, targets in data.iter_eval_batches(batch_size, max_batches=max_batches):
         inputs, targets = inputs.to(env.device), targets.to(env.device)
         with engine.autocast():
-            logits = engine.model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1), reduction="sum")
+            loss = engine.model(inputs, targets=targets).double() * targets.numel()  # mean -> sum
         total += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=env.device)])
     if env.distributed and env.world_size > 1:
         dist.all_reduce(total)

@@ -7,7 +7,7 @@ implementation differs per strategy:
 
     with engine.accumulate(sync=last_micro_batch):   # skip the gradient all-reduce until the last
         with engine.autocast():
-            loss = cross_entropy_loss(engine.model(inputs), targets)
+            loss = engine.model(inputs, targets=targets)  # fused head + loss
         engine.backward(loss / accum_steps)           # loss scaling for fp16
     grad_norm = engine.step()                         # unscale, clip, AdamW step, zero grads
 
