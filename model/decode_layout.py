@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.transformer import LMHead
+
 PACK_MIN_OUT_FEATURES = 8192  # only an output-head-sized matrix gains from a packed copy
 
 
@@ -97,7 +99,7 @@ def apply_decode_layout(model: nn.Module, for_compile: bool = False) -> nn.Modul
         weight = module.weight
         if weight.dtype != torch.float32:
             continue
-        if type(module) is nn.Linear or type(module).__name__ == "LMHead":  # LMHead: its loss path is for training
+        if type(module) in (nn.Linear, LMHead):  # (LMHead's fused-loss call is for training only)
             module.__class__ = MatvecLinear  # same module, parameters and hooks; new forward
         if for_compile:
             if not weight.is_contiguous():

@@ -82,11 +82,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n_tokens, chunk):
                 end = min(start + chunk, n_tokens)
                 cols = end - start
+                h_c = h[start:end]
                 logits_t = buf[: vocab * cols].view(vocab, cols)  # (V, c): token c's logits in column c
                 if low_precision:
-                    logits_t.copy_(w @ h[start:end].t())
+                    logits_t.copy_(w @ h_c.t())
                 else:
-                    torch.mm(w, h[start:end].t(), out=logits_t)
+                    torch.mm(w, h_c.t(), out=logits_t)
                 col = torch.arange(cols, device=hidden.device)
                 tgt = safe_targets[start:end]
                 picked = logits_t[tgt, col]  # logit of the target token, read before the buffer is reused
@@ -101,17 +102,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = (softmax - onehot(target)) * scale, formed in place
                 logits_t.mul_(s / denom)
                 logits_t.index_put_((tgt, col), -s, accumulate=True)
-                g = logits_t.to(compute) if low_precision else logits_t
+                g = logits_t.to(compute)  # the buffer itself in fp32
                 torch.mm(g.t(), w, out=grad_h[start:end])
-                if start == 0:  # the first chunk writes the weight gradient (no zero-fill pass)
-                    if low_precision:
-                        grad_w.copy_(g @ h[start:end])
-                    else:
-                        torch.mm(g, h[start:end], out=grad_w)
-                elif low_precision:
-                    grad_w += g @ h[start:end]
+                # the first chunk writes the fp32 weight gradient (no zero-fill pass), later ones add to it
+                if low_precision:
+                    grad_w.add_(g @ h_c) if start else grad_w.copy_(g @ h_c)
                 else:
-                    grad_w.addmm_(g, h[start:end])
+                    grad_w.addmm_(g, h_c) if start else torch.mm(g, h_c, out=grad_w)
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
             ctx.dtypes = (hidden.dtype, weight.dtype)
