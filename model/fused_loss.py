@@ -32,7 +32,7 @@ import torch
 # Accelerators: 512 MiB, so a GPU micro-batch of the seed-1.3b model (8,192 tokens, 50k vocabulary)
 # takes 4 chunks of large GEMMs instead of 25 small ones, still far below the ~4 GB that logits,
 # their fp32 copy and log-softmax take on the textbook path.
-DEFAULT_WORKSPACE_BYTES = {"cpu": 64 * 1024 * 1024}
+CPU_WORKSPACE_BYTES = 64 * 1024 * 1024
 ACCELERATOR_WORKSPACE_BYTES = 512 * 1024 * 1024
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -73,7 +73,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             scale = valid.to(torch.float32) / n_valid.clamp(min=1).to(torch.float32)  # (N,)
             safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
 
-            chunk = max(1, min(n_tokens, workspace_bytes // max(1, vocab * 4)))
+            chunk = max(1, min(n_tokens, workspace_bytes // (vocab * 4)))
             buf = _workspace(vocab * chunk, hidden.device, torch.float32)
             low_precision = compute != torch.float32
             loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -148,7 +148,7 @@ def fused_linear_cross_entropy(
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not project hidden size {hidden.shape[-1]}")
     if workspace_bytes is None:
-        workspace_bytes = DEFAULT_WORKSPACE_BYTES.get(hidden.device.type, ACCELERATOR_WORKSPACE_BYTES)
+        workspace_bytes = CPU_WORKSPACE_BYTES if hidden.device.type == "cpu" else ACCELERATOR_WORKSPACE_BYTES
     # decided here: inside autograd.Function.forward grad mode is always off
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(

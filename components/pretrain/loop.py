@@ -192,7 +192,7 @@ def evaluate(engine: strategies.Engine, data: PackedTokenDataset, max_batches: i
         inputs, targets = inputs.to(env.device), targets.to(env.device)
         with engine.autocast():
             loss = engine.model(inputs, targets=targets).double() * targets.numel()  # mean -> sum
-        total += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=env.device)])
+        total += torch.stack([loss, torch.tensor(targets.numel(), dtype=torch.float64, device=env.device)])
     if env.distributed and env.world_size > 1:
         dist.all_reduce(total)
     engine.model.train()

@@ -10,6 +10,7 @@ import torch
 
 from model.config import ModelConfig
 from model.engine import Engine
+from model.fused_loss import fused_linear_cross_entropy
 from model.generation import SamplingParams, generate
 from model.transformer import Transformer, cross_entropy_loss
 
@@ -76,8 +77,6 @@ def test_bf16_autocast_training_step_reduces_loss():
 
 
 def test_fused_loss_matches_logits_path_under_bf16_autocast_on_cuda():
-    from model.fused_loss import fused_linear_cross_entropy
-
     torch.manual_seed(0)
     hidden = torch.randn(512, 256, device="cuda", requires_grad=True)
     weight = (torch.randn(4096, 256, device="cuda") * 0.05).requires_grad_()
