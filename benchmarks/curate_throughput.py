@@ -34,7 +34,7 @@ MB = 1_000_000
 
 
 def find_corpus(arg: str | None, scratch: Path) -> Path:
-    for candidate in ([Path(arg)] if arg else [REPO / "data" / "sample", Path("/work/shared/sample")]):
+    for candidate in [Path(arg)] if arg else [REPO / "data" / "sample", Path("/work/shared/sample")]:
         if candidate.is_dir() and any(candidate.rglob("*.*")):
             return candidate
     if arg:
@@ -45,12 +45,17 @@ def find_corpus(arg: str | None, scratch: Path) -> Path:
 def generate_corpus(root: Path, size: int) -> Path:
     """English-like technical prose, ~size bytes in 100 files (only when no real corpus exists)."""
     rng = random.Random(0)
-    vocab = ("the of and to in is that for with on as be by this are from or an it can you your service "
-             "server request cluster node configuration file user data value function module option error "
-             "default process memory network client version system command return type string list").split()
+    vocab = (
+        "the of and to in is that for with on as be by this are from or an it can you your service "
+        "server request cluster node configuration file user data value function module option error "
+        "default process memory network client version system command return type string list"
+    ).split()
     root.mkdir(parents=True)
     for i in range(100):
-        paras = [" ".join(rng.choice(vocab) for _ in range(rng.randint(40, 120))).capitalize() + "." for _ in range(40)]
+        paras = [
+            " ".join(rng.choice(vocab) for _ in range(rng.randint(40, 120))).capitalize() + "."
+            for _ in range(40)
+        ]
         text = "\n\n".join(paras)
         (root / f"doc{i:03d}.txt").write_text(text[: size // 100])
     return root
@@ -73,7 +78,10 @@ def build_repeated(src: Path, dst: Path, repeat: int, share: float = 0.15) -> in
                 rng = random.Random(f"{k}/{f}")
                 text = f.read_text(encoding="utf-8", errors="replace")
                 words = _WORD.findall(text) or ["word"]
-                out.write_text(_WORD.sub(lambda m: rng.choice(words) if rng.random() < share else m.group(0), text), encoding="utf-8")
+                out.write_text(
+                    _WORD.sub(lambda m: rng.choice(words) if rng.random() < share else m.group(0), text),
+                    encoding="utf-8",
+                )
             total += out.stat().st_size
     return total
 
@@ -81,7 +89,7 @@ def build_repeated(src: Path, dst: Path, repeat: int, share: float = 0.15) -> in
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from components.curate import CurateConfig, curate
+from lmforge.components.curate import CurateConfig, curate
 t = time.perf_counter()
 r = curate([{corpus!r}], {out!r}, CurateConfig(num_workers={workers}), overwrite=True, progress=False)
 print(json.dumps({{"seconds": time.perf_counter() - t, **r.metrics()}}))
@@ -93,7 +101,9 @@ def run_once(corpus: Path, out: Path, workers: int) -> dict:
 
     code = CHILD.format(repo=str(REPO), corpus=str(corpus), out=str(out), workers=workers)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     ps = psutil.Process(proc.pid)
     peak = peak_single = 0
     cpu: dict[int, float] = {}  # pid -> latest user+system seconds (workers included)
@@ -114,8 +124,12 @@ def run_once(corpus: Path, out: Path, workers: int) -> dict:
     if proc.returncode:
         raise SystemExit(f"curate failed:\n{stderr}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result.update(wall_seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20, peak_rss_single_process_mb=peak_single / 2**20,
-                  cpu_seconds=sum(cpu.values()))
+    result.update(
+        wall_seconds=time.perf_counter() - start,
+        peak_rss_mb=peak / 2**20,
+        peak_rss_single_process_mb=peak_single / 2**20,
+        cpu_seconds=sum(cpu.values()),
+    )
     return result
 
 
@@ -126,31 +140,68 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10, help="size multiple of the memory corpus (default 10)")
     args = ap.parse_args()
 
-    machine = {"machine": f"{os.cpu_count()}-core CPU", "platform": platform.platform(), "python": platform.python_version()}
+    machine = {
+        "machine": f"{os.cpu_count()}-core CPU",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     with tempfile.TemporaryDirectory(prefix="lmf-curate-bench-") as tmp:
         scratch = Path(tmp)
         corpus = find_corpus(args.corpus, scratch)
         size = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file())
         for w in args.workers:
             r = run_once(corpus, scratch / f"out-{w}", w)
-            print(json.dumps({"bench": "curate_throughput", "corpus": str(corpus), "corpus_mb": size / MB, "workers": w,
-                              "curate_seconds": round(r["seconds"], 2), "wall_seconds": round(r["wall_seconds"], 2),
-                              "mb_per_s": round(size / MB / r["seconds"], 3), "mb_per_s_per_core": round(size / MB / r["seconds"] / w, 3),
-                              "cpu_seconds": round(r["cpu_seconds"], 1), "mb_per_cpu_second": round(size / MB / r["cpu_seconds"], 3),
-                              "peak_rss_mb": round(r["peak_rss_mb"], 1), "documents_in": r["documents_in"],
-                              "documents_kept": r["documents_kept"], **machine, "load_avg_1m": os.getloadavg()[0]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": "curate_throughput",
+                        "corpus": str(corpus),
+                        "corpus_mb": size / MB,
+                        "workers": w,
+                        "curate_seconds": round(r["seconds"], 2),
+                        "wall_seconds": round(r["wall_seconds"], 2),
+                        "mb_per_s": round(size / MB / r["seconds"], 3),
+                        "mb_per_s_per_core": round(size / MB / r["seconds"] / w, 3),
+                        "cpu_seconds": round(r["cpu_seconds"], 1),
+                        "mb_per_cpu_second": round(size / MB / r["cpu_seconds"], 3),
+                        "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                        "documents_in": r["documents_in"],
+                        "documents_kept": r["documents_kept"],
+                        **machine,
+                        "load_avg_1m": os.getloadavg()[0],
+                    }
+                ),
+                flush=True,
+            )
         big = scratch / f"x{args.repeat}"
         big_size = build_repeated(corpus, big, args.repeat)
         w = max(args.workers)
         r = run_once(big, scratch / "out-big", w)
-        print(json.dumps({"bench": "curate_peak_memory", "corpus_mb": big_size / MB, "repeat": args.repeat, "workers": w,
-                          "curate_seconds": round(r["seconds"], 2), "wall_seconds": round(r["wall_seconds"], 2),
-                          "mb_per_s": round(big_size / MB / r["seconds"], 3), "mb_per_s_per_core": round(big_size / MB / r["seconds"] / w, 3),
-                          "cpu_seconds": round(r["cpu_seconds"], 1), "mb_per_cpu_second": round(big_size / MB / r["cpu_seconds"], 3),
-                          "peak_rss_mb": round(r["peak_rss_mb"], 1), "peak_rss_single_process_mb": round(r["peak_rss_single_process_mb"], 1),
-                          "documents_in": r["documents_in"], "documents_kept": r["documents_kept"],
-                          "near_duplicates": r["near_duplicates"], "exact_duplicates": r["exact_duplicates"],
-                          **machine, "load_avg_1m": os.getloadavg()[0]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "curate_peak_memory",
+                    "corpus_mb": big_size / MB,
+                    "repeat": args.repeat,
+                    "workers": w,
+                    "curate_seconds": round(r["seconds"], 2),
+                    "wall_seconds": round(r["wall_seconds"], 2),
+                    "mb_per_s": round(big_size / MB / r["seconds"], 3),
+                    "mb_per_s_per_core": round(big_size / MB / r["seconds"] / w, 3),
+                    "cpu_seconds": round(r["cpu_seconds"], 1),
+                    "mb_per_cpu_second": round(big_size / MB / r["cpu_seconds"], 3),
+                    "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                    "peak_rss_single_process_mb": round(r["peak_rss_single_process_mb"], 1),
+                    "documents_in": r["documents_in"],
+                    "documents_kept": r["documents_kept"],
+                    "near_duplicates": r["near_duplicates"],
+                    "exact_duplicates": r["exact_duplicates"],
+                    **machine,
+                    "load_avg_1m": os.getloadavg()[0],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import ModelConfig  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.decode_layout import apply_decode_layout  # noqa: E402
-from model.generation import SamplingParams, generate  # noqa: E402
-from model.transformer import Transformer  # noqa: E402
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.decode_layout import apply_decode_layout  # noqa: E402
+from lmforge.model.engine import Engine  # noqa: E402
+from lmforge.model.generation import SamplingParams, generate  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
 
 
 def emit(record: dict, out: Path | None) -> None:
@@ -48,8 +48,12 @@ def emit(record: dict, out: Path | None) -> None:
 
 
 def machine() -> dict:
-    info = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform()}
+    info = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -85,15 +89,21 @@ def cpu_batch1(model: Transformer, model_dir: Path, args, out: Path | None) -> N
 
     def theirs():
         with torch.inference_mode():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+            return hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
 
     variants = {"lmforge": ours, "transformers": theirs}
     compile_s = None
     if args.compile:  # the engine's static-shape decode step through torch.compile
         # its own copy of the weights: the compiled one-slot engine lays them out row-major for its
         # fused reductions, the eager path above keeps apply_decode_layout's GEMV layout
-        from model.checkpoint import load_model_dir
+        from lmforge.model.checkpoint import load_model_dir
 
         engine = Engine(load_model_dir(model_dir).eval(), num_slots=1, max_len=len(prompt) + n, compile=True)
 
@@ -114,24 +124,39 @@ def cpu_batch1(model: Transformer, model_dir: Path, args, out: Path | None) -> N
             runs[name].append(timed(fn))
     tps = {name: n / statistics.median(r) for name, r in runs.items()}
     record = {
-        "figure": "cpu_batch1_greedy_decode", "preset": args.preset, "dtype": "float32", "prompt_tokens": len(prompt),
-        "new_tokens": n, "repeats": args.repeats, "lmforge_tokens_per_s": round(tps["lmforge"], 2),
+        "figure": "cpu_batch1_greedy_decode",
+        "preset": args.preset,
+        "dtype": "float32",
+        "prompt_tokens": len(prompt),
+        "new_tokens": n,
+        "repeats": args.repeats,
+        "lmforge_tokens_per_s": round(tps["lmforge"], 2),
         "transformers_tokens_per_s": round(tps["transformers"], 2),
-        "speedup": round(tps["lmforge"] / tps["transformers"], 3), "target": 2.0,
+        "speedup": round(tps["lmforge"] / tps["transformers"], 3),
+        "target": 2.0,
     }
     if args.compile:
-        record.update({
-            "lmforge_compiled_tokens_per_s": round(tps["lmforge_compiled"], 2),
-            "compiled_speedup": round(tps["lmforge_compiled"] / tps["transformers"], 3),
-            "compile_and_first_run_s": round(compile_s, 1),
-        })
-    record.update({"identical_tokens": identical, "runs_s": {k: [round(t, 3) for t in r] for k, r in runs.items()},
-                   "machine": machine()})
+        record.update(
+            {
+                "lmforge_compiled_tokens_per_s": round(tps["lmforge_compiled"], 2),
+                "compiled_speedup": round(tps["lmforge_compiled"] / tps["transformers"], 3),
+                "compile_and_first_run_s": round(compile_s, 1),
+            }
+        )
+    record.update(
+        {
+            "identical_tokens": identical,
+            "runs_s": {k: [round(t, 3) for t in r] for k, r in runs.items()},
+            "machine": machine(),
+        }
+    )
     emit(record, out)
 
 
 def cpu_engine(model: Transformer, args, out: Path | None) -> None:
-    reqs = prompts(args.requests, (args.prompt_len // 2, args.prompt_len * 3 // 2), model.config.vocab_size, seed=1)
+    reqs = prompts(
+        args.requests, (args.prompt_len // 2, args.prompt_len * 3 // 2), model.config.vocab_size, seed=1
+    )
     n = args.new_tokens
     params = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
     total = len(reqs) * n
@@ -155,14 +180,25 @@ def cpu_engine(model: Transformer, args, out: Path | None) -> None:
         conc_s.append(timed(concurrent))
         seq_s.append(timed(sequential))
     conc_tps, seq_tps = total / statistics.median(conc_s), total / statistics.median(seq_s)
-    emit({
-        "figure": "cpu_engine_aggregate", "preset": args.preset, "dtype": "float32", "requests": len(reqs),
-        "prompt_tokens": [min(map(len, reqs)), max(map(len, reqs))], "new_tokens_each": n,
-        "repeats": args.engine_repeats, "concurrent_tokens_per_s": round(conc_tps, 2),
-        "sequential_tokens_per_s": round(seq_tps, 2), "speedup": round(conc_tps / seq_tps, 3), "target": 5.0,
-        "concurrent_runs_s": [round(t, 3) for t in conc_s], "sequential_runs_s": [round(t, 3) for t in seq_s],
-        "machine": machine(),
-    }, out)
+    emit(
+        {
+            "figure": "cpu_engine_aggregate",
+            "preset": args.preset,
+            "dtype": "float32",
+            "requests": len(reqs),
+            "prompt_tokens": [min(map(len, reqs)), max(map(len, reqs))],
+            "new_tokens_each": n,
+            "repeats": args.engine_repeats,
+            "concurrent_tokens_per_s": round(conc_tps, 2),
+            "sequential_tokens_per_s": round(seq_tps, 2),
+            "speedup": round(conc_tps / seq_tps, 3),
+            "target": 5.0,
+            "concurrent_runs_s": [round(t, 3) for t in conc_s],
+            "sequential_runs_s": [round(t, 3) for t in seq_s],
+            "machine": machine(),
+        },
+        out,
+    )
 
 
 # ---- GPU figure -------------------------------------------------------------------------------
@@ -198,28 +234,52 @@ def gpu_batch1(args, out: Path | None) -> None:
             tps = n / statistics.median(runs)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             results[name] = tps
-            emit({
-                "figure": f"gpu_batch1_greedy_decode_{name}", "preset": args.preset, "dtype": str(dtype).split(".")[-1],
-                "device": str(device), "prompt_tokens": len(prompt), "new_tokens": n, "tokens_per_s": round(tps, 1),
-                "target_tokens_per_s": 700, "peak_memory_gib": round(peak, 3) if peak is not None else None,
-                "setup_s": round(warm, 1), "runs_s": [round(t, 3) for t in runs], "machine": machine(),
-            }, out)
+            emit(
+                {
+                    "figure": f"gpu_batch1_greedy_decode_{name}",
+                    "preset": args.preset,
+                    "dtype": str(dtype).split(".")[-1],
+                    "device": str(device),
+                    "prompt_tokens": len(prompt),
+                    "new_tokens": n,
+                    "tokens_per_s": round(tps, 1),
+                    "target_tokens_per_s": 700,
+                    "peak_memory_gib": round(peak, 3) if peak is not None else None,
+                    "setup_s": round(warm, 1),
+                    "runs_s": [round(t, 3) for t in runs],
+                    "machine": machine(),
+                },
+                out,
+            )
         except Exception as err:  # report the variant that failed and keep the other figures
-            emit({"figure": f"gpu_batch1_greedy_decode_{name}", "error": f"{type(err).__name__}: {err}"[:500]}, out)
+            emit(
+                {"figure": f"gpu_batch1_greedy_decode_{name}", "error": f"{type(err).__name__}: {err}"[:500]},
+                out,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gpu", action="store_true", help="the GPU figure instead of the CPU ones")
-    parser.add_argument("--device", default="cuda", help="device for --gpu (cpu only to smoke-test the script)")
-    parser.add_argument("--preset", default=None, help="model preset (default: small on CPU, seed-1.3b with --gpu)")
+    parser.add_argument(
+        "--device", default="cuda", help="device for --gpu (cpu only to smoke-test the script)"
+    )
+    parser.add_argument(
+        "--preset", default=None, help="model preset (default: small on CPU, seed-1.3b with --gpu)"
+    )
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--engine-repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--compile", action="store_true", help="CPU: also time the compiled engine (~1 min to compile)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="CPU: also time the compiled engine (~1 min to compile)"
+    )
     parser.add_argument("--only", choices=["batch1", "engine"], default=None, help="run one CPU figure")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
@@ -230,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_batch1(args, args.out)
         return 0
     args.preset = args.preset or "small"
-    from model.checkpoint import save_model_dir
+    from lmforge.model.checkpoint import save_model_dir
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name(args.preset)).eval()

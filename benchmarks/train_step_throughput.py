@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import save_model_dir  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.transformer import Transformer, cross_entropy_loss  # noqa: E402
+from lmforge.model.checkpoint import save_model_dir  # noqa: E402
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.transformer import Transformer, cross_entropy_loss  # noqa: E402
 
 
 def lmforge_step(model, ids):
@@ -69,11 +69,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_model_dir(ours, tmp)
         # sdpa: transformers' default and fastest eager attention on CPU
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").train()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=torch.float32, attn_implementation="sdpa"
+        ).train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
 
-    contestants = {"hf_eager": (hf, hf_step), "lmforge_eager": (ours, lmforge_step),
-                   "lmforge_eager_unfused_loss": (ours, lmforge_logits_step)}
+    contestants = {
+        "hf_eager": (hf, hf_step),
+        "lmforge_eager": (ours, lmforge_step),
+        "lmforge_eager_unfused_loss": (ours, lmforge_logits_step),
+    }
     if not args.no_compile:
         contestants["hf_compiled"] = (torch.compile(hf), hf_step)
         contestants["lmforge_compiled"] = (torch.compile(ours), lmforge_step)
@@ -101,17 +106,35 @@ def main() -> None:
     for name, ts in times.items():
         best = min(ts)  # least-disturbed round
         results[name] = tokens / best
-        print(json.dumps({"figure": f"{name}_tokens_per_s", "value": round(tokens / best, 1), "step_s": round(best, 4),
-                          "preset": args.preset, "params": cfg.num_params(), "batch": args.batch_size,
-                          "seq_len": args.seq_len, "machine": machine}))
+        print(
+            json.dumps(
+                {
+                    "figure": f"{name}_tokens_per_s",
+                    "value": round(tokens / best, 1),
+                    "step_s": round(best, 4),
+                    "preset": args.preset,
+                    "params": cfg.num_params(),
+                    "batch": args.batch_size,
+                    "seq_len": args.seq_len,
+                    "machine": machine,
+                }
+            )
+        )
     for name in results:
         if name != "hf_eager":
             # best-round ratio, and the median over rounds of the same-round ratio (robust to drifting noise)
             per_round = [times["hf_eager"][r] / times[name][r] for r in range(args.rounds)]
             paired = sorted(per_round)
-            print(json.dumps({"figure": f"{name}_vs_hf_eager", "ratio": round(results[name] / results["hf_eager"], 3),
-                              "median_paired_ratio": round(paired[len(paired) // 2], 3),
-                              "per_round": [round(x, 3) for x in per_round]}))
+            print(
+                json.dumps(
+                    {
+                        "figure": f"{name}_vs_hf_eager",
+                        "ratio": round(results[name] / results["hf_eager"], 3),
+                        "median_paired_ratio": round(paired[len(paired) // 2], 3),
+                        "per_round": [round(x, 3) for x in per_round],
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import UserError
-from model.checkpoint import dtype_from_name, load_model_dir, read_config, save_model_dir, weight_files
+from lmforge.model.checkpoint import (
+    dtype_from_name,
+    load_model_dir,
+    read_config,
+    save_model_dir,
+    weight_files,
+)
 
 
 @dataclass
@@ -45,9 +51,12 @@ def _check_tokenizer(src: Path, vocab_size: int, allow_missing: bool) -> bool:
         hint = (
             f" (found {', '.join(slow)}: convert it once with transformers' "
             "`AutoTokenizer.from_pretrained(dir).save_pretrained(dir)`, which writes tokenizer.json)"
-            if slow else ""
+            if slow
+            else ""
         )
-        raise UserError(f"{src} has no tokenizer.json{hint}; pass --allow-missing-tokenizer to import the weights alone")
+        raise UserError(
+            f"{src} has no tokenizer.json{hint}; pass --allow-missing-tokenizer to import the weights alone"
+        )
     tok_vocab = _tokenizer_vocab_size(tok)
     if tok_vocab > vocab_size:
         raise UserError(
@@ -75,18 +84,27 @@ def import_hf(
     weight_files(src)  # refuses pickled-only checkpoints before reading anything
     has_tokenizer = _check_tokenizer(src, cfg.vocab_size, allow_missing_tokenizer)
     model = load_model_dir(src, dtype=dtype_from_name(dtype) if dtype else None)
-    extra = {"generation_config.json": src / "generation_config.json"} if (src / "generation_config.json").is_file() else {}
+    extra = (
+        {"generation_config.json": src / "generation_config.json"}
+        if (src / "generation_config.json").is_file()
+        else {}
+    )
     out = save_model_dir(
         model,
         output_dir,
         tokenizer_dir=src if has_tokenizer else None,
-        extra_metadata={"imported_from": str(src.resolve()), "source_config_sha256": _sha256(src / "config.json")},
+        extra_metadata={
+            "imported_from": str(src.resolve()),
+            "source_config_sha256": _sha256(src / "config.json"),
+        },
         extra_files=extra,
     )
     return _result(out, model)
 
 
-def export_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None) -> InteropResult:
+def export_hf(
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None
+) -> InteropResult:
     """Write an lmforge model directory as a plain Hugging Face checkpoint (no lmforge metadata)."""
     src = Path(input_dir)
     if not src.is_dir():
@@ -116,5 +134,7 @@ def _ensure_fast_tokenizer_class(model_dir: Path) -> None:
 
 def _result(out: Path, model: torch.nn.Module) -> InteropResult:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    tokenizer_files = sorted(p.name for p in out.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template")))
+    tokenizer_files = sorted(
+        p.name for p in out.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))
+    )
     return InteropResult(out, sum(p.numel() for p in model.parameters()), dtype, tokenizer_files)

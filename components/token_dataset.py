@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.tokenize_shards import INDEX_FILE, INDEX_FORMAT, INDEX_VERSION
+from lmforge.components.tokenize_shards import INDEX_FILE, INDEX_FORMAT, INDEX_VERSION
+from lmforge.errors import InputNotFoundError, UserError
 
 STATE_VERSION = 1
 
@@ -38,23 +39,31 @@ def read_index(shards_dir: str | Path) -> dict[str, Any]:
     """Read and check the index JSON of a token-shard directory (see `components.tokenize_shards`)."""
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
-        raise FileNotFoundError(f"token shards directory {shards_dir} does not exist (run `lmforge tokenize` first)")
+        raise InputNotFoundError(
+            f"token shards directory {shards_dir} does not exist (run `lmforge tokenize` first)"
+        )
     path = shards_dir / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {shards_dir} is not a token-shard directory (run `lmforge tokenize`)")
+        raise InputNotFoundError(
+            f"{path} not found: {shards_dir} is not a token-shard directory (run `lmforge tokenize`)"
+        )
     try:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise UserError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: format must be {INDEX_FORMAT!r}, got {index.get('format') if isinstance(index, dict) else index!r}")
+        raise UserError(
+            f"{path}: format must be {INDEX_FORMAT!r}, got {index.get('format') if isinstance(index, dict) else index!r}"
+        )
     if index.get("version") != INDEX_VERSION:
-        raise ValueError(f"{path}: unsupported index version {index.get('version')!r} (this lmforge reads {INDEX_VERSION})")
+        raise UserError(
+            f"{path}: unsupported index version {index.get('version')!r} (this lmforge reads {INDEX_VERSION})"
+        )
     for key in ("dtype", "vocab_size", "eos_id", "splits"):
         if key not in index:
-            raise ValueError(f"{path}: missing field {key!r}")
+            raise UserError(f"{path}: missing field {key!r}")
     if index["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"{path}: dtype must be uint16 or uint32, got {index['dtype']!r}")
+        raise UserError(f"{path}: dtype must be uint16 or uint32, got {index['dtype']!r}")
     return index
 
 
@@ -72,16 +81,23 @@ class PackedTokenDataset:
         world_size: int = 1,
         shuffle: bool = True,
     ) -> None:
-        for name, value, low in (("seq_len", seq_len, 1), ("world_size", world_size, 1), ("seed", seed, 0), ("rank", rank, 0)):
+        for name, value, low in (
+            ("seq_len", seq_len, 1),
+            ("world_size", world_size, 1),
+            ("seed", seed, 0),
+            ("rank", rank, 0),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
         if rank >= world_size:
-            raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+            raise UserError(f"rank must be < world_size ({world_size}), got {rank}")
         self.shards_dir = Path(shards_dir)
         index = read_index(self.shards_dir)
         splits = index["splits"]
         if split not in splits:
-            raise ValueError(f"split {split!r} not found in {self.shards_dir / INDEX_FILE}; available: {sorted(splits)}")
+            raise UserError(
+                f"split {split!r} not found in {self.shards_dir / INDEX_FILE}; available: {sorted(splits)}"
+            )
         self.split, self.seq_len, self.seed = split, seq_len, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.dtype = np.dtype(index["dtype"])
@@ -96,10 +112,10 @@ class PackedTokenDataset:
             path = self.shards_dir / entry["file"]
             n = int(entry["num_tokens"])
             if not path.is_file():
-                raise FileNotFoundError(f"token shard {path} listed in the index is missing")
+                raise InputNotFoundError(f"token shard {path} listed in the index is missing")
             actual = path.stat().st_size
             if actual != n * self.dtype.itemsize:
-                raise ValueError(
+                raise UserError(
                     f"token shard {path} holds {actual} bytes but the index says {n} {self.dtype.name} tokens "
                     f"({n * self.dtype.itemsize} bytes): the shard is truncated or the index is stale"
                 )
@@ -112,7 +128,7 @@ class PackedTokenDataset:
         # Windows of seq_len+1 tokens, stride seq_len: window i covers [i*T, i*T + T + 1).
         self._num_windows = (self.num_tokens - 1) // seq_len if self.num_tokens > 0 else 0
         if self._num_windows < world_size:
-            raise ValueError(
+            raise UserError(
                 f"split {split!r} of {self.shards_dir} has {self.num_tokens} tokens: too few for "
                 f"{world_size} sequence(s) of seq_len+1={seq_len + 1} tokens (one per rank); "
                 f"lower seq_len or add data"
@@ -174,7 +190,7 @@ class PackedTokenDataset:
 
         Crosses epoch boundaries transparently (a new shuffled order starts)."""
         if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         return self._batch([self._next_window() for _ in range(batch_size)])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -184,14 +200,18 @@ class PackedTokenDataset:
             x, y = self._batch([self._next_window()])
             yield x[0], y[0]
 
-    def iter_eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_eval_batches(
+        self, batch_size: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One finite, unshuffled pass over this rank's share of the split (for validation).
 
         Does not touch the training position. Every rank yields the same number of batches (the
         last one may be smaller than `batch_size`), so distributed evaluation stays in lockstep."""
         if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        windows = np.arange(self.num_sequences * self.world_size, dtype=np.int64)[self.rank :: self.world_size]
+            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+        windows = np.arange(self.num_sequences * self.world_size, dtype=np.int64)[
+            self.rank :: self.world_size
+        ]
         for n, start in enumerate(range(0, len(windows), batch_size)):
             if max_batches is not None and n >= max_batches:
                 return
@@ -217,20 +237,38 @@ class PackedTokenDataset:
         The data and ordering must match (same split, seq_len, seed, shuffle and token count) or a
         ValueError names the mismatch. A different world size is accepted: the position is mapped to
         the same point of the global order (exact when the old consumed count divides evenly)."""
-        missing = [k for k in ("version", "split", "seq_len", "seed", "shuffle", "world_size", "num_tokens", "epoch", "cursor") if k not in state]
+        missing = [
+            k
+            for k in (
+                "version",
+                "split",
+                "seq_len",
+                "seed",
+                "shuffle",
+                "world_size",
+                "num_tokens",
+                "epoch",
+                "cursor",
+            )
+            if k not in state
+        ]
         if missing:
-            raise ValueError(f"dataset state is missing fields {missing}")
+            raise UserError(f"dataset state is missing fields {missing}")
         if state["version"] != STATE_VERSION:
-            raise ValueError(f"dataset state version {state['version']!r} is not supported (expected {STATE_VERSION})")
+            raise UserError(
+                f"dataset state version {state['version']!r} is not supported (expected {STATE_VERSION})"
+            )
         for key in ("split", "seq_len", "seed", "shuffle", "num_tokens"):
             if state[key] != getattr(self, key):
-                raise ValueError(
+                raise UserError(
                     f"dataset state does not match this dataset: {key} is {state[key]!r} in the state "
                     f"but {getattr(self, key)!r} here (the data or the data config changed since the checkpoint)"
                 )
         epoch, cursor, old_ws = int(state["epoch"]), int(state["cursor"]), int(state["world_size"])
         if epoch < 0 or cursor < 0 or old_ws < 1:
-            raise ValueError(f"dataset state has invalid position epoch={epoch} cursor={cursor} world_size={old_ws}")
+            raise UserError(
+                f"dataset state has invalid position epoch={epoch} cursor={cursor} world_size={old_ws}"
+            )
         if old_ws != self.world_size:
             consumed = cursor * old_ws
             cursor = min(consumed // self.world_size, self.num_sequences)
@@ -241,5 +279,7 @@ class PackedTokenDataset:
                     stacklevel=2,
                 )
         elif cursor > self.num_sequences:
-            raise ValueError(f"dataset state cursor {cursor} exceeds the {self.num_sequences} sequences per epoch")
+            raise UserError(
+                f"dataset state cursor {cursor} exceeds the {self.num_sequences} sequences per epoch"
+            )
         self.epoch, self.cursor = epoch, cursor

@@ -34,7 +34,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from lmforge.errors import UserError
+from lmforge.errors import InputNotFoundError, UserError
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "lmforge-token-shards"
@@ -86,7 +86,9 @@ def iter_texts(path: Path) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno} is not valid JSON ({err}); is {path.parent.parent} a curated dataset?") from err
+                raise UserError(
+                    f"{path}:{lineno} is not valid JSON ({err}); is {path.parent.parent} a curated dataset?"
+                ) from err
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise UserError(f"{path}:{lineno} has no string 'text' field")
@@ -100,9 +102,13 @@ def load_tokenizer(tokenizer_dir: str | Path):
     tokenizer_dir = Path(tokenizer_dir)
     tok_file, cfg_file = tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json"
     if not tok_file.is_file():
-        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} has no tokenizer.json (train one with `lmforge tokenizer train`)")
+        raise InputNotFoundError(
+            f"tokenizer directory {tokenizer_dir} has no tokenizer.json (train one with `lmforge tokenizer train`)"
+        )
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} has no tokenizer_config.json (it names the eos token)")
+        raise InputNotFoundError(
+            f"tokenizer directory {tokenizer_dir} has no tokenizer_config.json (it names the eos token)"
+        )
     tokenizer = Tokenizer.from_file(str(tok_file))
     cfg = json.loads(cfg_file.read_text())
     eos = cfg.get("eos_token")
@@ -177,7 +183,9 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> None:
     old_index = output_dir / INDEX_FILE
     old_bins = sorted(output_dir.glob("*.bin"))
     if (old_index.exists() or old_bins) and not overwrite:
-        raise UserError(f"output directory {output_dir} already holds token shards; pass --overwrite to replace them")
+        raise UserError(
+            f"output directory {output_dir} already holds token shards; pass --overwrite to replace them"
+        )
     old_index.unlink(missing_ok=True)
     for f in old_bins:  # only our own artifact type; other files are left alone
         f.unlink()
@@ -197,14 +205,16 @@ def tokenize_dataset(
     """Encode every split of `data_dir` with the tokenizer in `tokenizer_dir` into token shards."""
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        raise UserError(f"shard_tokens must be positive, got {shard_tokens}")
     if batch_docs <= 0:
-        raise ValueError(f"batch_docs must be positive, got {batch_docs}")
+        raise UserError(f"batch_docs must be positive, got {batch_docs}")
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"dataset directory {data_dir} does not exist (run `lmforge curate` first)")
+        raise InputNotFoundError(f"dataset directory {data_dir} does not exist (run `lmforge curate` first)")
     splits = find_splits(data_dir)
     if not splits:
-        raise UserError(f"dataset directory {data_dir} has no split subdirectories with *.jsonl files (expected e.g. {data_dir}/train/part-00000.jsonl)")
+        raise UserError(
+            f"dataset directory {data_dir} has no split subdirectories with *.jsonl files (expected e.g. {data_dir}/train/part-00000.jsonl)"
+        )
     tokenizer, eos_id, tok_sha = load_tokenizer(tokenizer_dir)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
@@ -231,7 +241,9 @@ def tokenize_dataset(
                     if batch:
                         encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
                         # doc_0 eos doc_1 eos ...: one array per batch keeps the write loop in numpy
-                        tokens = np.concatenate([p for e in encodings for p in (np.asarray(e.ids, dtype=np.int64), eos)])
+                        tokens = np.concatenate(
+                            [p for e in encodings for p in (np.asarray(e.ids, dtype=np.int64), eos)]
+                        )
                         writer.write(tokens)
                         n_docs += len(batch)
                         n_tokens += len(tokens)

@@ -175,8 +175,33 @@ class _HTMLText(HTMLParser):
     turns block elements into line breaks (enough for documentation pages; no layout engine)."""
 
     SKIP = {"script", "style", "head", "noscript", "template", "svg"}
-    BLOCK = {"p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "section", "article",
-             "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "title", "header", "footer"}
+    BLOCK = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "tr",
+        "table",
+        "section",
+        "article",
+        "pre",
+        "blockquote",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "hr",
+        "title",
+        "header",
+        "footer",
+    }
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -203,7 +228,9 @@ class _HTMLText(HTMLParser):
     def handle_data(self, data):
         if self.skip_depth:
             return
-        self.parts.append(data if self.pre_depth else " ".join(data.split()) + (" " if data[-1:].isspace() else ""))
+        self.parts.append(
+            data if self.pre_depth else " ".join(data.split()) + (" " if data[-1:].isspace() else "")
+        )
 
     def text(self) -> str:
         lines = [line.rstrip() for line in "".join(self.parts).split("\n")]
@@ -297,16 +324,20 @@ def _documents(inputs) -> tuple[Iterator[Document], int, list[Path]]:
     """Documents from a list of paths or from an iterator of texts, with the input file count and the
     files skipped in directories (unsupported kinds), which the report lists rather than dropping silently."""
     if isinstance(inputs, (str, bytes)):
-        raise CorpusError("inputs must be a list of paths or an iterator of texts, not a single string "
-                          "(wrap a path in a list; pass texts as iter([...]))")
+        raise CorpusError(
+            "inputs must be a list of paths or an iterator of texts, not a single string "
+            "(wrap a path in a list; pass texts as iter([...]))"
+        )
     if isinstance(inputs, os.PathLike):
         inputs = [inputs]
     if isinstance(inputs, (list, tuple)):
         paths = []
         for item in inputs:
             if not isinstance(item, (str, os.PathLike)):
-                raise CorpusError(f"input paths must be str or os.PathLike, got {type(item).__name__} "
-                                  "(to train on texts, pass an iterator of strings, e.g. iter(texts))")
+                raise CorpusError(
+                    f"input paths must be str or os.PathLike, got {type(item).__name__} "
+                    "(to train on texts, pass an iterator of strings, e.g. iter(texts))"
+                )
             paths.append(Path(item))
         if not paths:
             raise EmptyCorpusError("no input paths given")
@@ -402,8 +433,10 @@ def _fertility_markdown(rows: Sequence[FertilityRow], sample: HeldoutSample, not
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r.name} | {r.vocab_size:,} | {r.tokens:,} | {r.tokens_per_word:.3f} | "
-                     f"{r.bytes_per_token:.3f} | {r.chars_per_token:.3f} |")
+        lines.append(
+            f"| {r.name} | {r.vocab_size:,} | {r.tokens:,} | {r.tokens_per_word:.3f} | "
+            f"{r.bytes_per_token:.3f} | {r.chars_per_token:.3f} |"
+        )
     if not rows:
         lines.append("| (no held-out text to measure) | | | | | |")
     if notes:
@@ -486,8 +519,10 @@ def _resolve_references(reference_tokenizers, notes: list[str]) -> list[Path]:
     if reference_tokenizers is None:
         if (DEFAULT_REFERENCE_DIR / "tokenizer.json").is_file():
             return [DEFAULT_REFERENCE_DIR]
-        notes.append(f"reference tokenizer skipped: {DEFAULT_REFERENCE_DIR / 'tokenizer.json'} not found "
-                     "(run scripts/extract_reference_tokenizer.py)")
+        notes.append(
+            f"reference tokenizer skipped: {DEFAULT_REFERENCE_DIR / 'tokenizer.json'} not found "
+            "(run scripts/extract_reference_tokenizer.py)"
+        )
         return []
     refs = []
     for ref in reference_tokenizers:
@@ -541,8 +576,14 @@ def train_tokenizer(
 
     # One streaming pass: training documents flow into the trainer piece by piece; held-out
     # documents are set aside (up to holdout_max_chars) for the fertility report.
-    counts = {"documents": 0, "train_documents": 0, "train_bytes": 0, "train_text": False,
-              "heldout": 0, "heldout_chars": 0}
+    counts = {
+        "documents": 0,
+        "train_documents": 0,
+        "train_bytes": 0,
+        "train_text": False,
+        "heldout": 0,
+        "heldout_chars": 0,
+    }
     heldout_texts: list[str] = []
 
     def training_text() -> Iterator[str]:
@@ -585,14 +626,18 @@ def train_tokenizer(
 
     actual_vocab = _vocab_size(tokenizer)
     if actual_vocab < vocab_size:
-        notes.append(f"the corpus supported only {actual_vocab} of the requested {vocab_size} ids "
-                     f"(no more pairs occur >= {min_frequency} times)")
+        notes.append(
+            f"the corpus supported only {actual_vocab} of the requested {vocab_size} ids "
+            f"(no more pairs occur >= {min_frequency} times)"
+        )
     if skipped:
         notes.append(f"{len(skipped)} files of unsupported kinds were skipped, e.g. {skipped[0]}")
     heldout_unmeasured = counts["heldout"] - len(heldout_texts)
     if heldout_unmeasured:
-        notes.append(f"{heldout_unmeasured} held-out documents were not measured (past holdout_max_chars="
-                     f"{holdout_max_chars}); they were still kept out of training")
+        notes.append(
+            f"{heldout_unmeasured} held-out documents were not measured (past holdout_max_chars="
+            f"{holdout_max_chars}); they were still kept out of training"
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     paths = _save(tokenizer, out, specials, model_max_length)
@@ -603,10 +648,16 @@ def train_tokenizer(
     if sample.chars:
         rows.append(measure_fertility(f"{out.name or 'tokenizer'} (trained)", str(out), tokenizer, sample))
         for ref in references:
-            rows.append(measure_fertility(ref.name, str(ref), Tokenizer.from_file(str(ref / "tokenizer.json")), sample))
+            rows.append(
+                measure_fertility(
+                    ref.name, str(ref), Tokenizer.from_file(str(ref / "tokenizer.json")), sample
+                )
+            )
     else:
-        notes.append(f"no held-out text (holdout_fraction={holdout_fraction}, {counts['documents']} documents): "
-                     "fertility not measured")
+        notes.append(
+            f"no held-out text (holdout_fraction={holdout_fraction}, {counts['documents']} documents): "
+            "fertility not measured"
+        )
 
     corpus = CorpusStats(
         input_files=input_files,
@@ -623,8 +674,12 @@ def train_tokenizer(
         "heldout": {k: v for k, v in asdict(sample).items() if k != "texts"} | {"fraction": holdout_fraction},
         "tokenizers": [asdict(r) for r in rows],
         "corpus": asdict(corpus),
-        "training": {"vocab_size": actual_vocab, "requested_vocab_size": vocab_size,
-                     "min_frequency": min_frequency, "train_seconds": round(train_seconds, 3)},
+        "training": {
+            "vocab_size": actual_vocab,
+            "requested_vocab_size": vocab_size,
+            "min_frequency": min_frequency,
+            "train_seconds": round(train_seconds, 3),
+        },
         "notes": notes,
     }
     fertility_json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -671,9 +726,15 @@ def _save(tokenizer: Tokenizer, out: Path, specials: SpecialTokens, model_max_le
         "chat_template": specials.chat_template(),
     }
     paths["config"].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    special_map = {"bos_token": specials.bos, "eos_token": specials.eos, "pad_token": specials.pad,
-                   "additional_special_tokens": extra}
-    paths["special_tokens_map"].write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    special_map = {
+        "bos_token": specials.bos,
+        "eos_token": specials.eos,
+        "pad_token": specials.pad,
+        "additional_special_tokens": extra,
+    }
+    paths["special_tokens_map"].write_text(
+        json.dumps(special_map, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return paths
 
 
@@ -731,9 +792,13 @@ class TokenizerInfo:
         }
         ids = {k: (tokenizer.token_to_id(v) if v else None) for k, v in names.items()}
         if ids["eos"] is None:
-            raise TokenizerError(f"{path}: the tokenizer has no eos token (eos_token={names['eos']!r} "
-                                 "in tokenizer_config.json is not in its vocabulary)")
-        specials = {t.content: i for i, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special}
+            raise TokenizerError(
+                f"{path}: the tokenizer has no eos token (eos_token={names['eos']!r} "
+                "in tokenizer_config.json is not in its vocabulary)"
+            )
+        specials = {
+            t.content: i for i, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special
+        }
         max_len = config.get("model_max_length")
         template = config.get("chat_template")
         if template is None and (path / "chat_template.jinja").is_file():  # transformers >= 4.43 layout

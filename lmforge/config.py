@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from model.config import ConfigError
+from lmforge.model.config import ConfigError
 
 T = TypeVar("T")
 _STRICT = ConfigDict(extra="forbid")
@@ -64,11 +64,20 @@ def build(cls: type[T], data: dict[str, Any]) -> T:
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{where}: {msg}" if e["type"] not in ("extra_forbidden", "unexpected_keyword_argument") else f"{where}: unknown field")
+            problems.append(
+                f"{where}: {msg}"
+                if e["type"] not in ("extra_forbidden", "unexpected_keyword_argument")
+                else f"{where}: unknown field"
+            )
         raise ConfigError("invalid config: " + "; ".join(problems)) from None
 
 
-def load(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: dict | None = None) -> T:
+def load(
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+) -> T:
     data = dict(base or {})
     if path is not None:
         data.update(read_yaml(path))

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.generation import SamplingParamsError
-from model.kv_cache import KVCache
+from lmforge.model.generation import SamplingParamsError
+from lmforge.model.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,9 @@ class _Kept:
 
 
 @torch.inference_mode()
-def beam_search(model: torch.nn.Module, prompt_ids: Sequence[int], params: BeamSearchParams) -> list[Hypothesis]:
+def beam_search(
+    model: torch.nn.Module, prompt_ids: Sequence[int], params: BeamSearchParams
+) -> list[Hypothesis]:
     """The `num_return_sequences` best hypotheses for one prompt, best first."""
     cfg = model.config
     prompt = [int(t) for t in prompt_ids]
@@ -119,7 +121,9 @@ def beam_search(model: torch.nn.Module, prompt_ids: Sequence[int], params: BeamS
     cache = KVCache.for_model(model, beams, len(prompt) + params.max_new_tokens)
     first = cache.rows(0, 1)
     first.active_len = len(prompt)
-    logits = model(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device), first, last_only=True)[:, -1]
+    logits = model(
+        torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device), first, last_only=True
+    )[:, -1]
     cache.copy_row(0, list(range(1, beams)), len(prompt))
     logits = logits.expand(beams, -1)
 

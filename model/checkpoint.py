@@ -20,25 +20,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.config import ModelConfig
-from model.hf_format import from_hf_config, to_hf_config
-from model.transformer import Transformer
+from lmforge.model.config import ConfigError, ModelConfig
+from lmforge.model.hf_format import from_hf_config, to_hf_config
+from lmforge.model.transformer import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelDirError(ValueError):
+class ModelDirError(ConfigError):
     """A model directory is missing, incomplete, or holds weights lmforge refuses to load."""
 
 
 def dtype_from_name(name: str) -> torch.dtype:
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -70,8 +75,14 @@ def save_model_dir(
         tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype_name(dtype)), indent=2) + "\n")
-        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in generation.items() if v is not None}, indent=2) + "\n")
+        generation = {
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id,
+        }
+        (tmp / "generation_config.json").write_text(
+            json.dumps({k: v for k, v in generation.items() if v is not None}, indent=2) + "\n"
+        )
         meta = {"format": "lmforge-model/1", "model_config": cfg.to_dict(), **(extra_metadata or {})}
         (tmp / "lmforge.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if tokenizer_dir is not None:
@@ -119,7 +130,9 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (d / s).is_file()]
         if missing:
-            raise ModelDirError(f"{d}: shard(s) named in {WEIGHTS_INDEX_NAME} are missing: {', '.join(missing)}")
+            raise ModelDirError(
+                f"{d}: shard(s) named in {WEIGHTS_INDEX_NAME} are missing: {', '.join(missing)}"
+            )
         return [d / s for s in shards]
     if (d / WEIGHTS_NAME).is_file():
         return [d / WEIGHTS_NAME]
@@ -133,7 +146,9 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     raise ModelDirError(f"{d} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
 
 
-def load_state_dict(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(
+    model_dir: str | os.PathLike, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -153,7 +168,9 @@ def load_model_dir(
     if cfg.tie_embeddings:
         head = state.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, state.get("model.embed_tokens.weight", head)):
-            raise ModelDirError(f"{model_dir}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
+            raise ModelDirError(
+                f"{model_dir}: tie_word_embeddings is true but lm_head.weight differs from the embedding"
+            )
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())

@@ -57,7 +57,9 @@ class ModelConfig:
                 )
             self.head_dim = self.d_model // self.n_heads
         if self.head_dim <= 0 or self.head_dim % 2 != 0:
-            raise ConfigError(f"model.head_dim={self.head_dim} must be a positive even number (RoPE rotates pairs)")
+            raise ConfigError(
+                f"model.head_dim={self.head_dim} must be a positive even number (RoPE rotates pairs)"
+            )
         if self.d_ff is None:
             hidden = int(8 * self.d_model / 3)
             self.d_ff = self.ff_multiple_of * math.ceil(hidden / self.ff_multiple_of)
@@ -98,15 +100,17 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown model config field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         return cls(**values)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
         """A preset by name, with optional field overrides (e.g. vocab_size from a tokenizer)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
@@ -133,16 +137,34 @@ def _preset(source: str, **values) -> Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": _preset(
         "CPU-sized debug model for tests (~0.2M parameters); numbers chosen to exercise GQA and untied paths cheaply",
-        vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176, max_seq_len=256,
+        vocab_size=1024,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=176,
+        max_seq_len=256,
     ),
     "small": _preset(
         "CPU demo model (~30M parameters with a 16k vocabulary): a scaled-down Llama shape, GQA 8:4",
-        vocab_size=16384, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=1408, max_seq_len=1024,
+        vocab_size=16384,
+        d_model=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=1408,
+        max_seq_len=1024,
     ),
     "seed-1.3b": _preset(
         "The product brief's reference model: 24 layers, d_model 2048, 16 heads, 2048 context, ~50k vocab "
         "(50304 = 50k rounded to a multiple of 128); SwiGLU 5632 = 8/3*2048 rounded to 256; ~1.34B parameters",
-        vocab_size=50304, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=5632, max_seq_len=2048,
+        vocab_size=50304,
+        d_model=2048,
+        n_layers=24,
+        n_heads=16,
+        n_kv_heads=16,
+        d_ff=5632,
+        max_seq_len=2048,
         rope_theta=10000.0,
     ),
 }

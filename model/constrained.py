@@ -8,7 +8,7 @@ before temperature / top-k / top-p, so sampling renormalises over the allowed to
 
 Two constraints are provided:
 - `AllowedTokens`: a fixed allow-list (classification labels, digits only, a closed vocabulary).
-- `RegexConstraint` (in `lmforge/textgen.py`, because it needs the tokenizer's text and the
+- `RegexConstraint` (in `serving/textgen.py`, because it needs the tokenizer's text and the
   `regex` package): the output must match a regular expression, e.g. `(yes|no)` or
   `\\d{4}-\\d{2}-\\d{2}`; generation ends by itself when the match is complete and cannot grow.
 """

@@ -29,14 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.transformer import LMHead
+from lmforge.model.transformer import LMHead
 
 PACK_MIN_OUT_FEATURES = 8192  # only an output-head-sized matrix gains from a packed copy
 
 
 def _compiled_single_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
-            and weight.is_contiguous())
+    return (
+        torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.numel() == x.shape[-1]
+        and weight.is_contiguous()
+    )
 
 
 class MatvecLinear(nn.Linear):
@@ -63,12 +67,16 @@ class PackedHeadLinear(MatvecLinear):
         key = (self.weight.data_ptr(), self.weight._version)
         if key != self._packed_key:  # the weights changed since packing: pack again
             self._pack()
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), self.packed, self.bias, "none", [None], "")
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(rows, x.shape[-1]), self.packed, self.bias, "none", [None], ""
+        )
         return y.view(*x.shape[:-1], self.out_features)
 
     def _pack(self) -> None:
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), self.packed_rows)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(
+                self.weight.detach().contiguous(), self.packed_rows
+            )
         self._packed_key = (self.weight.data_ptr(), self.weight._version)
 
 

@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.constrained import TokenConstraint
-from model.generation import SamplingParams, TokenChooser, TokenEvent, TokenLogprob
-from model.kv_cache import KVCache
+from lmforge.model.config import ConfigError
+from lmforge.model.constrained import TokenConstraint
+from lmforge.model.generation import SamplingParams, TokenChooser, TokenEvent, TokenLogprob
+from lmforge.model.kv_cache import KVCache
 
 
 class QueueFull(RuntimeError):
@@ -89,9 +90,9 @@ class Engine:
         overhead dominates (small models, GPUs). With one slot on a CPU it also lays the model's
         fp32 weights out row-major (`apply_decode_layout(model, for_compile=True)`), in place."""
         if not isinstance(num_slots, int) or num_slots < 1:
-            raise ValueError(f"engine.num_slots must be an integer >= 1, got {num_slots!r}")
+            raise ConfigError(f"engine.num_slots must be an integer >= 1, got {num_slots!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
-            raise ValueError(f"engine.max_queue must be an integer >= 0, got {max_queue!r}")
+            raise ConfigError(f"engine.max_queue must be an integer >= 0, got {max_queue!r}")
         self.model = model
         cfg = model.config
         self.vocab_size = cfg.vocab_size
@@ -144,7 +145,9 @@ class Engine:
                 raise ValueError(f"request id {rid!r} is already in use")
             request = _Request(rid, prompt, params, frozenset(stop))
             request.sequences = [
-                _Sequence(request, i, TokenChooser(params, prompt, self.vocab_size, self.device, i, constraint))
+                _Sequence(
+                    request, i, TokenChooser(params, prompt, self.vocab_size, self.device, i, constraint)
+                )
                 for i in range(params.n)
             ]
             self._waiting.append(request)
@@ -290,7 +293,7 @@ class Engine:
         # kernels without a Python hop each. With one slot every projection is a matrix-vector
         # product, which the fused reduction of decode_layout streams faster than any GEMV layout.
         if self.num_slots == 1:
-            from model.decode_layout import apply_decode_layout
+            from lmforge.model.decode_layout import apply_decode_layout
 
             apply_decode_layout(model, for_compile=True)
         return torch.compile(decode, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})

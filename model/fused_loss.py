@@ -78,7 +78,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             low_precision = compute != torch.float32
             loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
             grad_h = torch.empty_like(h) if needs_grad else None
-            grad_w = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if needs_grad else None
+            grad_w = (
+                torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if needs_grad else None
+            )
             for start in range(0, n_tokens, chunk):
                 end = min(start + chunk, n_tokens)
                 cols = end - start
@@ -121,7 +123,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # this function's own buffers, so no weight-sized copy is made), which is why a second backward
         # through the same graph (retain_graph=True) is refused rather than silently scaled twice.
         if ctx.consumed:
-            raise RuntimeError("fused_linear_cross_entropy: backward was already run on this graph (retain_graph is not supported)")
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward was already run on this graph (retain_graph is not supported)"
+            )
         ctx.consumed = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
@@ -144,7 +148,9 @@ def fused_linear_cross_entropy(
     `workspace_bytes` caps the logits workspace (None: 64 MiB on CPU, 512 MiB on an accelerator).
     """
     if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dimensions")
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dimensions"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not project hidden size {hidden.shape[-1]}")
     if workspace_bytes is None:
@@ -152,5 +158,10 @@ def fused_linear_cross_entropy(
     # decided here: inside autograd.Function.forward grad mode is always off
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, workspace_bytes, needs_grad
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        targets.reshape(-1),
+        ignore_index,
+        workspace_bytes,
+        needs_grad,
     )

@@ -1,7 +1,7 @@
 """Text generation over token ids: sampling parameters, logits processors, `generate`, `stream`, `score`.
 
 Everything here works on token ids and tensors; turning text into ids and back (stop strings,
-incremental detokenization) happens at the edges, in `lmforge/textgen.py`.
+incremental detokenization) happens at the edges, in `serving/textgen.py`.
 
 How a token is chosen for one sequence (`TokenChooser.choose`), in this order:
   raw logits -> repetition / frequency / presence penalties -> constraint mask -> temperature
@@ -13,7 +13,7 @@ the logits before any processing), so they mean the same thing whatever the samp
 `generate` and `stream` run the continuous-batching engine (`model/engine.py`) with just enough
 slots for the request, so one code path serves the CLI, evaluation and the HTTP server.
 
-    from model.generation import SamplingParams, generate
+    from lmforge.model.generation import SamplingParams, generate
     out = generate(model, prompt_ids, SamplingParams(max_new_tokens=32, temperature=0))
     out.completions[0].token_ids
 """
@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from lmforge.model.config import ConfigError
+
 if TYPE_CHECKING:  # pragma: no cover
-    from model.constrained import TokenConstraint
+    from lmforge.model.constrained import TokenConstraint
 
 MAX_LOGPROBS = 20  # top alternatives per token; more is rarely useful and costs a sort per step
 
 
-class SamplingParamsError(ValueError):
+class SamplingParamsError(ConfigError):
     """A sampling parameter is invalid; the message names the field and the allowed range."""
 
 
@@ -69,7 +71,11 @@ class SamplingParams:
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             fail("max_new_tokens", "must be an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if (
+            not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
             fail("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not is_int(self.top_k) or self.top_k < 0:
             fail("top_k", "must be an integer >= 0 (0 = off)")
@@ -77,7 +83,9 @@ class SamplingParams:
             fail("top_p", "must be in (0, 1] (1 = off)")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             fail("min_p", "must be in [0, 1] (0 = off)")
-        if not isinstance(self.repetition_penalty, (int, float)) or not (0 < self.repetition_penalty < math.inf):
+        if not isinstance(self.repetition_penalty, (int, float)) or not (
+            0 < self.repetition_penalty < math.inf
+        ):
             fail("repetition_penalty", "must be a finite number > 0 (1 = off)")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
@@ -87,9 +95,13 @@ class SamplingParams:
             fail("n", "must be an integer >= 1 (the number of samples)")
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             fail("seed", "must be None or an integer >= 0")
-        if not isinstance(self.stop_token_ids, tuple) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+            is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
             fail("stop_token_ids", "must be a list of token ids >= 0")
-        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+        if self.logprobs is not None and (
+            not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
             fail("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
@@ -111,7 +123,9 @@ class SamplingParams:
             )
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
-            raise SamplingParamsError(f"sampling.stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+            raise SamplingParamsError(
+                f"sampling.stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})"
+            )
 
 
 # ---- logits processors (pure functions over (..., V) logits) ---------------------------------
@@ -205,8 +219,10 @@ class TokenChooser:
     ) -> None:
         self.params = params
         self.constraint = constraint
-        self.generator = None if params.greedy else new_generator(
-            None if params.seed is None else params.seed + sample_index, device
+        self.generator = (
+            None
+            if params.greedy
+            else new_generator(None if params.seed is None else params.seed + sample_index, device)
         )
         self.output_counts = self.seen = None
         if params.penalized:
@@ -227,7 +243,12 @@ class TokenChooser:
         processed = logits
         if self.output_counts is not None:
             processed = apply_penalties(
-                processed, self.output_counts, self.seen, p.repetition_penalty, p.frequency_penalty, p.presence_penalty
+                processed,
+                self.output_counts,
+                self.seen,
+                p.repetition_penalty,
+                p.frequency_penalty,
+                p.presence_penalty,
             )
         if self.constraint is not None:
             allowed = self.constraint.allowed_tokens(generated)
@@ -302,13 +323,15 @@ def collect(events: Iterator[TokenEvent], outputs: dict[str, GenerationOutput]) 
 
 # ---- generate / stream (thin wrappers over the engine) ---------------------------------------
 def _engine_for(model, prompts: Sequence[Sequence[int]], params: SamplingParams, **engine_kwargs):
-    from model.engine import Engine  # the engine builds on this module
+    from lmforge.model.engine import Engine  # the engine builds on this module
 
     context = model.config.max_seq_len
     for prompt in prompts:
         params.check_request(len(prompt), context, model.config.vocab_size)
     max_len = max(len(p) for p in prompts) + params.max_new_tokens
-    return Engine(model, num_slots=len(prompts) * params.n, max_len=max_len, max_queue=len(prompts), **engine_kwargs)
+    return Engine(
+        model, num_slots=len(prompts) * params.n, max_len=max_len, max_queue=len(prompts), **engine_kwargs
+    )
 
 
 def stream(
@@ -340,7 +363,8 @@ def generate_batch(
     engine = _engine_for(model, prompts, params, **engine_kwargs)
     ids = [engine.submit(p, params, constraint=constraint) for p in prompts]
     outputs = {
-        rid: GenerationOutput(rid, list(p), [Completion(i) for i in range(params.n)]) for rid, p in zip(ids, prompts)
+        rid: GenerationOutput(rid, list(p), [Completion(i) for i in range(params.n)])
+        for rid, p in zip(ids, prompts)
     }
     while engine.has_work():
         collect(iter(engine.step()), outputs)
@@ -385,7 +409,9 @@ def score_batch(
             if len(ctx) < 1 or len(cont) < 1:
                 raise ValueError(f"pair {i}: context and continuation must each hold at least one token")
             if len(ctx) + len(cont) > context_len:
-                raise ValueError(f"pair {i}: {len(ctx) + len(cont)} tokens exceed the model's context of {context_len}")
+                raise ValueError(
+                    f"pair {i}: {len(ctx) + len(cont)} tokens exceed the model's context of {context_len}"
+                )
             rows.append(list(ctx) + list(cont))
         width = max(len(r) for r in rows)
         device = next(model.parameters()).device

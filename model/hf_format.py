@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.config import ConfigError, ModelConfig
+from lmforge.model.config import ConfigError, ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -76,7 +76,9 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     if scaling not in (None, {}):
         kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
         if kind != "default":
-            raise UnsupportedArchitecture(f"config.json field rope_scaling={scaling!r} is not supported (only plain RoPE)")
+            raise UnsupportedArchitecture(
+                f"config.json field rope_scaling={scaling!r} is not supported (only plain RoPE)"
+            )
     return float(hf.get("rope_theta", 10000.0))
 
 
@@ -89,14 +91,22 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise UnsupportedArchitecture(f"config.json field hidden_act={act!r} is not supported (SwiGLU uses 'silu')")
+        raise UnsupportedArchitecture(
+            f"config.json field hidden_act={act!r} is not supported (SwiGLU uses 'silu')"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag, False):
-            raise UnsupportedArchitecture(f"config.json field {flag}=true is not supported (lmforge projections have no bias)")
+            raise UnsupportedArchitecture(
+                f"config.json field {flag}=true is not supported (lmforge projections have no bias)"
+            )
     if float(hf.get("attention_dropout", 0.0) or 0.0) != 0.0:
-        raise UnsupportedArchitecture("config.json field attention_dropout must be 0 (lmforge does not use dropout)")
+        raise UnsupportedArchitecture(
+            "config.json field attention_dropout must be 0 (lmforge does not use dropout)"
+        )
     if hf.get("sliding_window") not in (None, 0):
-        raise UnsupportedArchitecture(f"config.json field sliding_window={hf['sliding_window']!r} is not supported")
+        raise UnsupportedArchitecture(
+            f"config.json field sliding_window={hf['sliding_window']!r} is not supported"
+        )
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [name for name in required if name not in hf]
     if missing:

@@ -37,15 +37,27 @@ class KVCache(nn.Module):
         self.active_len = max_len
 
     @classmethod
-    def for_model(cls, model: nn.Module, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> "KVCache":
+    def for_model(
+        cls, model: nn.Module, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
         cfg = model.config
         param = next(model.parameters())
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KV cache length {max_len} exceeds the model's context of {cfg.max_seq_len}")
-        return cls(cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, dtype or param.dtype, param.device)
+        return cls(
+            cfg.n_layers,
+            batch_size,
+            cfg.n_kv_heads,
+            max_len,
+            cfg.head_dim,
+            dtype or param.dtype,
+            param.device,
+        )
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, D) at `positions`; return this layer's keys/values (B, K, active_len, D)."""
         if positions.dim() == 1:
             self.k[layer].index_copy_(2, positions, k)
@@ -72,7 +84,7 @@ class KVCache(nn.Module):
         self.active_len = self.max_len
 
     # ---- row management (continuous batching, n samples per prompt, beam search) ---------------
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """A cache over batch rows [start, stop) sharing this cache's storage.
 
         Writes through the view land in this cache, so an engine can prefill one slot with a

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model.generation import SamplingParams, SamplingParamsError, new_generator, warp_logits
-from model.kv_cache import KVCache
+from lmforge.model.config import ConfigError
+from lmforge.model.generation import SamplingParams, SamplingParamsError, new_generator, warp_logits
+from lmforge.model.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,35 @@ def accept_or_resample(
     residual = (p - q).clamp_min(0)
     empty = residual.sum(-1, keepdim=True) <= 0  # p == q: the residual is empty, p itself is right
     residual = torch.where(empty, p, residual)
-    resampled = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    resampled = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator).squeeze(
+        -1
+    )
     return accepted, torch.where(accepted, proposals, resampled)
 
 
-def _check(target: torch.nn.Module, draft: torch.nn.Module, prompt: list[int], params: SamplingParams, k: int) -> None:
+def _check(
+    target: torch.nn.Module, draft: torch.nn.Module, prompt: list[int], params: SamplingParams, k: int
+) -> None:
     if target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(
             f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
             f"({target.config.vocab_size}); speculative decoding needs the same tokenizer"
         )
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
+        raise ConfigError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
     unsupported = [
-        name for name, on in (("n > 1", params.n > 1), ("penalties", params.penalized), ("logprobs", params.logprobs is not None)) if on
+        name
+        for name, on in (
+            ("n > 1", params.n > 1),
+            ("penalties", params.penalized),
+            ("logprobs", params.logprobs is not None),
+        )
+        if on
     ]
     if unsupported:
-        raise SamplingParamsError(f"speculative decoding does not support {', '.join(unsupported)}; use generate()")
+        raise SamplingParamsError(
+            f"speculative decoding does not support {', '.join(unsupported)}; use generate()"
+        )
     context = min(target.config.max_seq_len, draft.config.max_seq_len)
     params.check_request(len(prompt), context, target.config.vocab_size)
 
@@ -139,13 +152,17 @@ def speculative_generate(
             if params.greedy:
                 ok, token = x == int(p[i].argmax()), int(p[i].argmax())
             else:
-                ok_t, token_t = accept_or_resample(p[i : i + 1], q[i].unsqueeze(0), torch.tensor([x], device=device), generator)
+                ok_t, token_t = accept_or_resample(
+                    p[i : i + 1], q[i].unsqueeze(0), torch.tensor([x], device=device), generator
+                )
                 ok, token = bool(ok_t), int(token_t)
             emitted.append(token)
             if not ok:
                 break
         else:  # every proposal accepted: a bonus token from the target's last distribution
-            bonus = int(p[k].argmax()) if params.greedy else int(torch.multinomial(p[k], 1, generator=generator))
+            bonus = (
+                int(p[k].argmax()) if params.greedy else int(torch.multinomial(p[k], 1, generator=generator))
+            )
             emitted.append(bonus)
         n_accepted = len(emitted) - 1
         proposed += k

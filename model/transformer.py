@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from model.fused_loss import fused_linear_cross_entropy
-from model.kv_cache import KVCache
+from lmforge.model.config import ModelConfig
+from lmforge.model.fused_loss import fused_linear_cross_entropy
+from lmforge.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +49,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.int64).float() / self.head_dim))
+        inv_freq = 1.0 / (
+            self.theta
+            ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.int64).float() / self.head_dim)
+        )
         positions = torch.arange(self.max_seq_len, device=device, dtype=torch.int64).float()
         angles = torch.outer(positions, inv_freq)  # (max_seq_len, D/2)
         return angles.cos(), angles.sin()
@@ -81,7 +84,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor
+) -> torch.Tensor:
     """Attention of one new query per row, (B, H, 1, D) over cached (B, K, S, D), as plain reductions.
 
     Same math as SDPA with a boolean mask. Used only when compiling a CPU decode step: there
@@ -181,7 +186,9 @@ class LMHead(nn.Linear):
     The loss goes through the module call (not a bare use of `weight`) so that wrappers which gather
     a module's parameters around its forward (DeepSpeed ZeRO-3, FSDP) see the head being used."""
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
+    ) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
         return fused_linear_cross_entropy(x, self.weight, targets, ignore_index=ignore_index)
@@ -224,17 +231,22 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,  # bool (B or 1, 1, T, S), True = may attend
         last_only: bool = False,  # logits for the last position only (prefill: skips T-1 vocab projections)
-        targets: torch.Tensor | None = None,  # (B, T) next-token ids (-100 = not scored): return the mean loss
+        targets: torch.Tensor
+        | None = None,  # (B, T) next-token ids (-100 = not scored): return the mean loss
     ) -> torch.Tensor:
         B, T = input_ids.shape
         if targets is not None and (last_only or kv_cache is not None):
             raise ValueError("targets (training loss) cannot be combined with last_only or a KV cache")
         if targets is not None and targets.shape != input_ids.shape:
-            raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+            )
         if positions is None and kv_cache is not None:
             raise ValueError("decoding with a KV cache needs explicit token positions")
         if positions is None and T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.config.max_seq_len}")
+            raise ValueError(
+                f"sequence of {T} tokens exceeds the model's context of {self.config.max_seq_len}"
+            )
         cos, sin = self.rotary(positions, T)
         if kv_cache is not None and attn_mask is None:
             attn_mask = kv_cache.causal_mask(positions)

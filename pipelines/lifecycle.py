@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.curate.config import CurateConfig
-from components.pretrain.config import PretrainConfig
-from model.config import ConfigError
+from lmforge.components.curate.config import CurateConfig
+from lmforge.components.pretrain.config import PretrainConfig
+from lmforge.model.config import ConfigError
 
 
 @dataclass
@@ -96,10 +96,10 @@ class LifecycleResult:
 
 
 def run_lifecycle(cfg: LifecycleConfig, log: Callable[[str], None] = print) -> LifecycleResult:
-    from components.curate.pipeline import curate
-    from components.pretrain.stage import pretrain
-    from components.tokenize_shards import tokenize_dataset
-    from components.tokenizer import train_tokenizer
+    from lmforge.components.curate.pipeline import curate
+    from lmforge.components.pretrain.stage import pretrain
+    from lmforge.components.tokenize_shards import tokenize_dataset
+    from lmforge.components.tokenizer import train_tokenizer
 
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -124,8 +124,11 @@ def run_lifecycle(cfg: LifecycleConfig, log: Callable[[str], None] = print) -> L
 
     def do_tokenizer() -> dict[str, Any]:
         result = train_tokenizer(
-            [data_dir / "train"], tok_dir, vocab_size=cfg.tokenizer.vocab_size,
-            min_frequency=cfg.tokenizer.min_frequency, holdout_fraction=cfg.tokenizer.holdout_fraction,
+            [data_dir / "train"],
+            tok_dir,
+            vocab_size=cfg.tokenizer.vocab_size,
+            min_frequency=cfg.tokenizer.min_frequency,
+            holdout_fraction=cfg.tokenizer.holdout_fraction,
         )
         return {"output": str(tok_dir), **result.metrics()}
 
@@ -155,20 +158,27 @@ def run_lifecycle(cfg: LifecycleConfig, log: Callable[[str], None] = print) -> L
 
 
 def _register(model_dir: Path, section: RegisterSection, run_id: str | None) -> dict[str, Any]:
-    from serving.registry import RegistryClient
+    from lmforge.registry import RegistryClient
 
     version = RegistryClient().register_model_dir(model_dir, section.model_name, alias=section.alias)
-    return {"uri": f"models:/{section.model_name}@{section.alias}", "version": str(version.version), "source_run": run_id}
+    return {
+        "uri": f"models:/{section.model_name}@{section.alias}",
+        "version": str(version.version),
+        "source_run": run_id,
+    }
 
 
 def _generate(model_dir: Path, section: GenerateSection) -> list[dict[str, Any]]:
-    from lmforge.textgen import generate_from_dir
-    from model.generation import SamplingParams
+    from lmforge.model.generation import SamplingParams
+    from lmforge.serving.textgen import generate_from_dir
 
     samples = []
     for i, prompt in enumerate(section.prompts):
         params = SamplingParams(
-            max_new_tokens=section.max_new_tokens, temperature=section.temperature, top_k=section.top_k, seed=section.seed + i,
+            max_new_tokens=section.max_new_tokens,
+            temperature=section.temperature,
+            top_k=section.top_k,
+            seed=section.seed + i,
         )
         result = generate_from_dir(model_dir, prompt, params)
         samples.append({"prompt": prompt, "completion": result.text, "tokens": len(result.token_ids)})

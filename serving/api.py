@@ -32,10 +32,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.auth import Authenticator, AuthError, Principal, RateLimiter
-from serving.config import ServeConfig
-from serving.metrics import CONTENT_TYPE, SequenceTimer, ServingMetrics
-from serving.protocol import (
+from lmforge.serving.auth import Authenticator, AuthError, Principal, RateLimiter
+from lmforge.serving.config import ServeConfig
+from lmforge.serving.metrics import CONTENT_TYPE, SequenceTimer, ServingMetrics
+from lmforge.serving.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -46,11 +46,27 @@ from serving.protocol import (
 log = logging.getLogger("lmforge.serving")
 access_log = logging.getLogger("lmforge.serving.access")
 
-KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
-               "/admin/reload", "/openapi.json", "/docs")
-STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 503: "overloaded_error"}
+KNOWN_PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/admin/reload",
+    "/openapi.json",
+    "/docs",
+)
+STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 # ---- backends -----------------------------------------------------------------------------------
@@ -84,8 +100,15 @@ class LocalBackend:
 
 # ---- the service ------------------------------------------------------------------------------
 class APIService:
-    def __init__(self, cfg: ServeConfig, backends: dict[str, Backend], *, auth: Authenticator | None = None,
-                 metrics: ServingMetrics | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        backends: dict[str, Backend],
+        *,
+        auth: Authenticator | None = None,
+        metrics: ServingMetrics | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.cfg = cfg
         self.backends = backends
         self.auth = auth or Authenticator.from_config(cfg)
@@ -109,20 +132,35 @@ class APIService:
             principal = self.auth.check(request.headers.get("authorization"), admin=admin)
         except AuthError as err:
             error_type = "authentication_error" if err.status == 401 else "permission_error"
-            raise APIError(err.status, err.message, error_type, code="invalid_api_key" if err.status == 401 else None,
-                           headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None) from None
+            raise APIError(
+                err.status,
+                err.message,
+                error_type,
+                code="invalid_api_key" if err.status == 401 else None,
+                headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None,
+            ) from None
         request.state.key_id = principal.key_id
         wait = self.limiter.acquire(principal.key_id)
         if wait:
-            raise APIError(429, f"rate limit of {self.cfg.rate_limit_per_minute} requests per minute reached for "
-                           "this API key; retry later", "rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(int(wait))})
+            raise APIError(
+                429,
+                f"rate limit of {self.cfg.rate_limit_per_minute} requests per minute reached for "
+                "this API key; retry later",
+                "rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(int(wait))},
+            )
         return principal
 
     def check_model(self, model: str) -> None:
         if model != self.model_id:
-            raise APIError(404, f"model {model!r} is not served here; available: {self.model_id!r} "
-                           "(GET /v1/models)", "invalid_request_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {model!r} is not served here; available: {self.model_id!r} (GET /v1/models)",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     # ---- opening replica streams ----
     async def _open(self, backend: Backend, request: GenerationRequest):
@@ -131,7 +169,9 @@ class APIService:
         try:
             first = await agen.__anext__()
         except StopAsyncIteration:
-            raise APIError(500, "the model replica ended the request without answering", "server_error") from None
+            raise APIError(
+                500, "the model replica ended the request without answering", "server_error"
+            ) from None
         except BaseException as err:
             await _aclose(agen)
             raise _backend_error(err) from err
@@ -213,19 +253,35 @@ class APIService:
         stops = body.stop_list()
         max_tokens = body.max_tokens if body.max_tokens is not None else self.cfg.default_max_tokens
         logprobs = body.logprobs
-        requests = [GenerationRequest(f"cmpl-{uuid.uuid4().hex}", prompt=p, max_tokens=max_tokens,
-                                      sampling=body.sampling(), stop=stops, logprobs=logprobs, echo=body.echo)
-                    for p in body.prompts()]
+        requests = [
+            GenerationRequest(
+                f"cmpl-{uuid.uuid4().hex}",
+                prompt=p,
+                max_tokens=max_tokens,
+                sampling=body.sampling(),
+                stop=stops,
+                logprobs=logprobs,
+                echo=body.echo,
+            )
+            for p in body.prompts()
+        ]
         variant = self.choose_variant(body.user)
         opened = await self.open_all(variant, requests)
         rid, created, n = requests[0].request_id, int(time.time()), body.n
         headers = _model_headers(variant, opened)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(self._stream_completions(opened, variant, start, rid, created, n, body.echo, logprobs,
-                                                 include_usage), headers)
-        choices = {p * n + i: {"text": "", "entries": [], "finish_reason": None}
-                   for p in range(len(opened)) for i in range(n)}
+            return _sse(
+                self._stream_completions(
+                    opened, variant, start, rid, created, n, body.echo, logprobs, include_usage
+                ),
+                headers,
+            )
+        choices = {
+            p * n + i: {"text": "", "entries": [], "finish_reason": None}
+            for p in range(len(opened))
+            for i in range(n)
+        }
         usage = _Usage(opened)
         if body.echo:
             for p, (_, first) in enumerate(opened):
@@ -240,24 +296,54 @@ class APIService:
                 c["entries"].extend(ev.get("logprobs") or [])
             elif ev["type"] == "finish":
                 choices[p * n + ev["index"]]["finish_reason"] = ev["reason"]
-        out = [{"index": k, "text": c["text"], "finish_reason": c["finish_reason"],
-                "logprobs": _completion_logprobs(c["entries"]) if logprobs is not None else None}
-               for k, c in sorted(choices.items())]
-        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_id,
-                             "choices": out, "usage": usage.body()}, headers=headers)
+        out = [
+            {
+                "index": k,
+                "text": c["text"],
+                "finish_reason": c["finish_reason"],
+                "logprobs": _completion_logprobs(c["entries"]) if logprobs is not None else None,
+            }
+            for k, c in sorted(choices.items())
+        ]
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_id,
+                "choices": out,
+                "usage": usage.body(),
+            },
+            headers=headers,
+        )
 
-    async def _stream_completions(self, opened, variant, start, rid, created, n, echo, logprobs, include_usage):
+    async def _stream_completions(
+        self, opened, variant, start, rid, created, n, echo, logprobs, include_usage
+    ):
         usage = _Usage(opened)
 
         def chunk(index: int, text: str, entries, finish_reason) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_id,
-                    "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
-                                 "logprobs": _completion_logprobs(entries) if logprobs is not None else None}]}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_id,
+                "choices": [
+                    {
+                        "index": index,
+                        "text": text,
+                        "finish_reason": finish_reason,
+                        "logprobs": _completion_logprobs(entries) if logprobs is not None else None,
+                    }
+                ],
+            }
 
         if echo:
             for p, (_, first) in enumerate(opened):
                 for i in range(n):
-                    yield chunk(p * n + i, first.get("prompt_text", ""), first.get("prompt_logprobs") or [], None)
+                    yield chunk(
+                        p * n + i, first.get("prompt_text", ""), first.get("prompt_logprobs") or [], None
+                    )
         async for p, ev in self.merged(opened, variant, start):
             usage.add(ev)
             if ev["type"] == "delta" and (ev["text"] or ev.get("logprobs")):
@@ -265,26 +351,44 @@ class APIService:
             elif ev["type"] == "finish":
                 yield chunk(p * n + ev["index"], "", [], ev["reason"])
         if include_usage:
-            yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_id,
-                   "choices": [], "usage": usage.body()}
+            yield {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_id,
+                "choices": [],
+                "usage": usage.body(),
+            }
 
     # ---- /v1/chat/completions ----
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         start = time.perf_counter()
         self.check_model(body.model)
         body.check_unsupported()
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        greq = GenerationRequest(f"chatcmpl-{uuid.uuid4().hex}", messages=messages, max_tokens=body.token_limit(),
-                                 sampling=body.sampling(), stop=body.stop_list(), logprobs=body.engine_logprobs())
+        messages = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in body.messages
+        ]
+        greq = GenerationRequest(
+            f"chatcmpl-{uuid.uuid4().hex}",
+            messages=messages,
+            max_tokens=body.token_limit(),
+            sampling=body.sampling(),
+            stop=body.stop_list(),
+            logprobs=body.engine_logprobs(),
+        )
         variant = self.choose_variant(body.user)
         opened = await self.open_all(variant, [greq])
         created, n, want_logprobs = int(time.time()), body.n, body.logprobs
         headers = _model_headers(variant, opened)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(self._stream_chat(opened, variant, start, greq.request_id, created, n, want_logprobs,
-                                          include_usage), headers)
+            return _sse(
+                self._stream_chat(
+                    opened, variant, start, greq.request_id, created, n, want_logprobs, include_usage
+                ),
+                headers,
+            )
         choices = {i: {"text": "", "entries": [], "finish_reason": None} for i in range(n)}
         usage = _Usage(opened)
         async for _, ev in self.merged(opened, variant, start):
@@ -294,19 +398,45 @@ class APIService:
                 choices[ev["index"]]["entries"].extend(ev.get("logprobs") or [])
             elif ev["type"] == "finish":
                 choices[ev["index"]]["finish_reason"] = ev["reason"]
-        out = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"],
-                "logprobs": {"content": _chat_logprobs(c["entries"])} if want_logprobs else None}
-               for i, c in sorted(choices.items())]
-        return JSONResponse({"id": greq.request_id, "object": "chat.completion", "created": created,
-                             "model": self.model_id, "choices": out, "usage": usage.body()}, headers=headers)
+        out = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c["text"]},
+                "finish_reason": c["finish_reason"],
+                "logprobs": {"content": _chat_logprobs(c["entries"])} if want_logprobs else None,
+            }
+            for i, c in sorted(choices.items())
+        ]
+        return JSONResponse(
+            {
+                "id": greq.request_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.model_id,
+                "choices": out,
+                "usage": usage.body(),
+            },
+            headers=headers,
+        )
 
     async def _stream_chat(self, opened, variant, start, rid, created, n, want_logprobs, include_usage):
         usage = _Usage(opened)
 
         def chunk(index: int, delta: dict, entries, finish_reason) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
-                    "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason,
-                                 "logprobs": {"content": _chat_logprobs(entries)} if want_logprobs else None}]}
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_id,
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "finish_reason": finish_reason,
+                        "logprobs": {"content": _chat_logprobs(entries)} if want_logprobs else None,
+                    }
+                ],
+            }
 
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""}, [], None)
@@ -317,8 +447,14 @@ class APIService:
             elif ev["type"] == "finish":
                 yield chunk(ev["index"], {}, [], ev["reason"])
         if include_usage:
-            yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
-                   "choices": [], "usage": usage.body()}
+            yield {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_id,
+                "choices": [],
+                "usage": usage.body(),
+            }
 
     # ---- other endpoints ----
     def models_body(self) -> dict[str, Any]:
@@ -367,8 +503,11 @@ class _Usage:
             self.completion += event["completion_tokens"]
 
     def body(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "total_tokens": self.prompt + self.completion}
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
 
 
 class ReloadRequest(BaseModel):
@@ -391,8 +530,15 @@ def _completion_logprobs(entries: list[dict | None]) -> dict[str, Any]:
 
 
 def _chat_logprobs(entries: list[dict]) -> list[dict[str, Any]]:
-    return [{"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
-             "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e["top"]]} for e in entries]
+    return [
+        {
+            "token": e["token"],
+            "logprob": e["logprob"],
+            "bytes": e["bytes"],
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e["top"]],
+        }
+        for e in entries
+    ]
 
 
 def _model_headers(variant: str, opened) -> dict[str, str]:
@@ -409,8 +555,11 @@ def _sse(chunks: AsyncIterator[dict], headers: dict[str, str]) -> StreamingRespo
             yield f"data: {json.dumps(err.body())}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _aclose(agen) -> None:
@@ -429,10 +578,20 @@ def _backend_error(err: BaseException) -> APIError:
     if isinstance(err, asyncio.CancelledError):
         raise err
     name = type(err).__name__
-    if name in ("BackPressureError", "DeploymentUnavailableError", "RayActorError", "ActorDiedError",
-                "ActorUnavailableError"):
-        return APIError(503, f"the model service is overloaded or restarting ({name}); retry later",
-                        "overloaded_error", code="service_unavailable", headers={"Retry-After": "1"})
+    if name in (
+        "BackPressureError",
+        "DeploymentUnavailableError",
+        "RayActorError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+    ):
+        return APIError(
+            503,
+            f"the model service is overloaded or restarting ({name}); retry later",
+            "overloaded_error",
+            code="service_unavailable",
+            headers={"Retry-After": "1"},
+        )
     log.exception("generation failed", exc_info=err)
     return APIError(500, f"internal error while generating ({name})", "server_error")
 
@@ -445,7 +604,9 @@ def parse_body(model_cls: type[BaseModel], body: bytes):
     except ValidationError as err:
         errors = err.errors(include_url=False)
         if any(e["type"] == "json_invalid" for e in errors) or not body.strip():
-            raise bad_request(f"the request body is not valid JSON: {errors[0]['msg']}", code="invalid_json") from None
+            raise bad_request(
+                f"the request body is not valid JSON: {errors[0]['msg']}", code="invalid_json"
+            ) from None
         if errors[0]["type"] in ("model_type", "model_attributes_type") and not errors[0]["loc"]:
             raise bad_request("the request body must be a JSON object", code="invalid_json") from None
         param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
@@ -481,7 +642,9 @@ class _LimitsAndMetrics:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         path = scope.get("path", "")
-        endpoint = path if path in KNOWN_PATHS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        endpoint = (
+            path if path in KNOWN_PATHS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        )
         status = {"code": 500}
 
         async def send_wrapper(message):
@@ -493,7 +656,9 @@ class _LimitsAndMetrics:
 
         limit = self.service.cfg.max_body_bytes
         length = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = APIError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
+        too_large = APIError(
+            413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large"
+        )
         if length is not None and length.isdigit() and int(length) > limit:
             return await _error_response(too_large)(scope, receive, send_wrapper)
         if scope.get("method") in ("POST", "PUT", "PATCH"):
@@ -527,13 +692,22 @@ class _LimitsAndMetrics:
         duration = time.perf_counter() - start
         m.request_duration.labels(endpoint).observe(duration)
         state = scope.get("state") or {}
-        access_log.info("%s %s %d %.3fs %s", scope.get("method"), scope.get("path"), status, duration,
-                        state.get("key_id", "-"))  # the key's fingerprint, never the key
+        access_log.info(
+            "%s %s %d %.3fs %s",
+            scope.get("method"),
+            scope.get("path"),
+            status,
+            duration,
+            state.get("key_id", "-"),
+        )  # the key's fingerprint, never the key
 
 
 def create_app(service: APIService) -> FastAPI:
-    app = FastAPI(title="lmforge OpenAI-compatible API", version="1",
-                  description="OpenAI-compatible completions and chat completions served by lmforge.")
+    app = FastAPI(
+        title="lmforge OpenAI-compatible API",
+        version="1",
+        description="OpenAI-compatible completions and chat completions served by lmforge.",
+    )
     app.state.service = service
 
     @app.exception_handler(APIError)
@@ -544,7 +718,9 @@ def create_app(service: APIService) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, err: StarletteHTTPException):
-        return _error_response(APIError(err.status_code, str(err.detail), STATUS_TYPES.get(err.status_code, "server_error")))
+        return _error_response(
+            APIError(err.status_code, str(err.detail), STATUS_TYPES.get(err.status_code, "server_error"))
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception):
@@ -552,8 +728,14 @@ def create_app(service: APIService) -> FastAPI:
         return _error_response(APIError(500, f"internal server error ({type(err).__name__})", "server_error"))
 
     def body_schema(model: type[BaseModel]) -> dict:
-        return {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+        return {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+                },
+            }
+        }
 
     @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest), tags=["openai"])
     async def completions(request: Request):
@@ -587,8 +769,10 @@ def create_app(service: APIService) -> FastAPI:
     async def ready():
         """Readiness: every model variant is loaded and answers."""
         ok, variants = await service.readiness()
-        return JSONResponse({"status": "ready" if ok else "not ready", "model": service.model_id,
-                             "variants": variants}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "model": service.model_id, "variants": variants},
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/metrics", tags=["operations"])
     async def metrics():
@@ -603,13 +787,16 @@ def create_app(service: APIService) -> FastAPI:
         raw = await request.body()
         body = parse_body(ReloadRequest, raw) if raw.strip() else ReloadRequest()
         if body.variant is not None and body.variant not in service.backends:
-            raise bad_request(f"variant: unknown {body.variant!r}; this server has {sorted(service.backends)}",
-                              "variant")
+            raise bad_request(
+                f"variant: unknown {body.variant!r}; this server has {sorted(service.backends)}", "variant"
+            )
         return {"results": await service.reload(body.variant, body.force)}
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for model in (CompletionRequest, ChatCompletionRequest, ReloadRequest):
                 definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -621,4 +808,3 @@ def create_app(service: APIService) -> FastAPI:
     app.openapi = openapi
     app.add_middleware(_LimitsAndMetrics, service=service)
     return app
-

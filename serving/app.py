@@ -9,7 +9,7 @@ the router is an `APIService` (serving/api.py). The Serve decorators are applied
 
 Entry points:
 - `lmforge serve ...` calls `run_server(cfg)` (local Ray, or the cluster in RAY_ADDRESS);
-- `serve run serving/serve_config.yaml` / a KubeRay RayService use `import_path: serving.app:app_builder`
+- `serve run serving/serve_config.yaml` / a KubeRay RayService use `import_path: lmforge.serving.app:app_builder`
   with the ServeConfig fields as `args` (`serve_config(cfg)` writes that YAML).
 
 A client that disconnects closes the router's stream to the replica; `RayBackend.generate` then
@@ -28,11 +28,11 @@ from typing import Any
 
 import yaml
 
-from serving.api import APIService, create_app
-from serving.auth import Authenticator
-from serving.config import ServeConfig, build_serve_config
-from serving.model_server import ModelServer
-from serving.protocol import GenerationRequest
+from lmforge.serving.api import APIService, create_app
+from lmforge.serving.auth import Authenticator
+from lmforge.serving.config import ServeConfig, build_serve_config
+from lmforge.serving.model_server import ModelServer
+from lmforge.serving.protocol import GenerationRequest
 
 log = logging.getLogger("lmforge.serving")
 
@@ -106,7 +106,9 @@ class RouterDeployment:
     def __init__(self, cfg: dict[str, Any], models: dict[str, Any]) -> None:
         _configure_logging()
         config = build_serve_config(cfg)
-        auth = Authenticator.from_config(config)  # reads the keys here, in the replica; refuses an open non-loopback bind
+        auth = Authenticator.from_config(
+            config
+        )  # reads the keys here, in the replica; refuses an open non-loopback bind
         log.log(logging.WARNING if auth.open_access else logging.INFO, auth.describe(config.host))
         self.service = APIService(config, {v: RayBackend(h) for v, h in models.items()}, auth=auth)
 
@@ -137,8 +139,11 @@ def model_deployment_options(cfg: ServeConfig, variant: str) -> dict[str, Any]:
     }
     if cfg.autoscaling is not None:
         a = cfg.autoscaling
-        options["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                         "target_ongoing_requests": a.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = cfg.replicas
     return options
@@ -149,8 +154,12 @@ def build_app(cfg: ServeConfig):
     from ray import serve
 
     data = cfg.to_dict()
-    models = {variant: serve.deployment(ModelDeployment).options(**model_deployment_options(cfg, variant)).bind(data, variant)
-              for variant in cfg.variants}
+    models = {
+        variant: serve.deployment(ModelDeployment)
+        .options(**model_deployment_options(cfg, variant))
+        .bind(data, variant)
+        for variant in cfg.variants
+    }
     router = serve.deployment(serve.ingress()(RouterDeployment)).options(
         name="lmforge-router",
         num_replicas=cfg.router_replicas,
@@ -161,7 +170,7 @@ def build_app(cfg: ServeConfig):
 
 
 def app_builder(args: dict[str, Any]):
-    """`import_path: serving.app:app_builder` for `serve run` / KubeRay: `args` are ServeConfig fields."""
+    """`import_path: lmforge.serving.app:app_builder` for `serve run` / KubeRay: `args` are ServeConfig fields."""
     return build_app(build_serve_config(dict(args)))
 
 
@@ -170,18 +179,22 @@ def serve_config(cfg: ServeConfig, app_name: str = APP_NAME) -> dict[str, Any]:
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},
-        "applications": [{
-            "name": app_name,
-            "route_prefix": cfg.route_prefix,
-            "import_path": "serving.app:app_builder",
-            "args": cfg.to_dict(),
-        }],
+        "applications": [
+            {
+                "name": app_name,
+                "route_prefix": cfg.route_prefix,
+                "import_path": "lmforge.serving.app:app_builder",
+                "args": cfg.to_dict(),
+            }
+        ],
     }
 
 
 def serve_config_yaml(cfg: ServeConfig) -> str:
-    header = ("# Ray Serve config for lmforge (serve run FILE, or a KubeRay RayService's serveConfigV2).\n"
-              "# API keys are NOT here: set LMFORGE_API_KEYS on the cluster or mount a secret at api_keys_file.\n")
+    header = (
+        "# Ray Serve config for lmforge (serve run FILE, or a KubeRay RayService's serveConfigV2).\n"
+        "# API keys are NOT here: set LMFORGE_API_KEYS on the cluster or mount a secret at api_keys_file.\n"
+    )
     return header + yaml.safe_dump(serve_config(cfg), sort_keys=False)
 
 

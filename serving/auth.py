@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import UserError
-from serving.config import ServeConfig, is_loopback
+from lmforge.serving.config import ServeConfig, is_loopback
 
 
 class AuthConfigError(UserError):
@@ -50,8 +50,10 @@ def read_keys(env_var: str, file: str | os.PathLike | None) -> list[str]:
     for key in keys:
         if key and key not in unique:
             if any(c.isspace() for c in key):
-                raise AuthConfigError(f"an API key from ${env_var} or {file} contains whitespace "
-                                      f"({fingerprint(key)}); keys are single tokens")
+                raise AuthConfigError(
+                    f"an API key from ${env_var} or {file} contains whitespace "
+                    f"({fingerprint(key)}); keys are single tokens"
+                )
             unique.append(key)
     return unique
 
@@ -104,7 +106,9 @@ class Authenticator:
         """A start-up line saying how the API is protected (never the keys themselves)."""
         if self.open_access:
             where = "loopback only" if is_loopback(host) else "ALL interfaces (allow_unauthenticated)"
-            return f"WARNING: no API keys configured: the API is open without authentication on {host} ({where})"
+            return (
+                f"WARNING: no API keys configured: the API is open without authentication on {host} ({where})"
+            )
         return f"API key authentication on: {len(self._keys)} key(s), {len(self._admin_keys)} admin key(s)"
 
     def check(self, authorization: str | None, *, admin: bool = False) -> Principal:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge import config as config_io
-from model.config import ConfigError
+from lmforge.model.config import ConfigError
 
 REGISTRY_SCHEME = "models:/"
 
@@ -46,7 +46,7 @@ def check_model_source(name: str, source: str) -> None:
     if not isinstance(source, str) or not source.strip():
         _fail(name, "must be a model directory or models:/NAME@ALIAS", source)
     if source.startswith(REGISTRY_SCHEME):
-        rest = source[len(REGISTRY_SCHEME):]
+        rest = source[len(REGISTRY_SCHEME) :]
         if "@" in rest:
             model, _, alias = rest.partition("@")
             ok = bool(model) and bool(alias) and "/" not in alias
@@ -96,8 +96,11 @@ class AutoscalingConfig:
         if not _is_int(self.min_replicas) or self.min_replicas < 0:
             _fail("autoscaling.min_replicas", "must be an integer >= 0", self.min_replicas)
         if not _is_int(self.max_replicas) or self.max_replicas < max(1, self.min_replicas):
-            _fail("autoscaling.max_replicas", f"must be an integer >= max(1, min_replicas={self.min_replicas})",
-                  self.max_replicas)
+            _fail(
+                "autoscaling.max_replicas",
+                f"must be an integer >= max(1, min_replicas={self.min_replicas})",
+                self.max_replicas,
+            )
         if not isinstance(self.target_ongoing_requests, (int, float)) or not self.target_ongoing_requests > 0:
             _fail("autoscaling.target_ongoing_requests", "must be a number > 0", self.target_ongoing_requests)
 
@@ -112,7 +115,11 @@ class ABTestConfig:
     def __post_init__(self) -> None:
         check_model_source("ab_test.model", self.model)
         if not isinstance(self.weight, (int, float)) or not 0 < self.weight < 1:
-            _fail("ab_test.weight", "must be a number in (0, 1) (the share of traffic for version B)", self.weight)
+            _fail(
+                "ab_test.weight",
+                "must be a number in (0, 1) (the share of traffic for version B)",
+                self.weight,
+            )
 
 
 @dataclass
@@ -121,19 +128,25 @@ class ServeConfig:
 
     # ---- what to serve
     model: str = ""  # a model directory, models:/NAME@ALIAS or models:/NAME/VERSION
-    served_model_name: str | None = None  # the id clients send as "model" (default: registry name or dir name)
+    served_model_name: str | None = (
+        None  # the id clients send as "model" (default: registry name or dir name)
+    )
     fallback_model: str | None = None  # loaded when `model` fails to load (e.g. models:/NAME@previous)
     ab_test: ABTestConfig | None = None
     tracking_uri: str | None = None  # MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)
     registry_poll_s: float = 30.0  # how often replicas check whether a registry alias moved; 0 = never
-    model_cache_dir: str | None = None  # where registry versions are downloaded (default: ~/.cache/lmforge/models)
+    model_cache_dir: str | None = (
+        None  # where registry versions are downloaded (default: ~/.cache/lmforge/models)
+    )
 
     # ---- HTTP
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"
     max_body_bytes: int = 1_048_576  # larger request bodies are refused with 413
-    default_max_tokens: int = 16  # /v1/completions default (OpenAI's); chat defaults to the rest of the context
+    default_max_tokens: int = (
+        16  # /v1/completions default (OpenAI's); chat defaults to the rest of the context
+    )
     retry_after_s: int = 1  # Retry-After seconds sent with 503 (a 429 sends the key's actual wait)
 
     # ---- authentication (secrets are read by the router, never stored in the config)
@@ -159,11 +172,15 @@ class ServeConfig:
         check_model_source("model", self.model)
         if self.fallback_model is not None:
             check_model_source("fallback_model", self.fallback_model)
-        if self.served_model_name is not None and (not isinstance(self.served_model_name, str)
-                                                   or not self.served_model_name.strip()):
+        if self.served_model_name is not None and (
+            not isinstance(self.served_model_name, str) or not self.served_model_name.strip()
+        ):
             _fail("served_model_name", "must be a non-empty string", self.served_model_name)
-        if not isinstance(self.registry_poll_s, (int, float)) or self.registry_poll_s < 0 \
-                or not math.isfinite(self.registry_poll_s):
+        if (
+            not isinstance(self.registry_poll_s, (int, float))
+            or self.registry_poll_s < 0
+            or not math.isfinite(self.registry_poll_s)
+        ):
             _fail("registry_poll_s", "must be a number >= 0 (0 = no polling)", self.registry_poll_s)
         if not isinstance(self.host, str) or not self.host:
             _fail("host", "must be an address to bind, e.g. 127.0.0.1 or 0.0.0.0", self.host)
@@ -176,15 +193,22 @@ class ServeConfig:
             if not _is_int(value) or value < 1:
                 _fail(name, "must be an integer >= 1", value)
         if not _is_int(self.rate_limit_per_minute) or self.rate_limit_per_minute < 0:
-            _fail("rate_limit_per_minute", "must be an integer >= 0 (0 = unlimited)", self.rate_limit_per_minute)
+            _fail(
+                "rate_limit_per_minute", "must be an integer >= 0 (0 = unlimited)", self.rate_limit_per_minute
+            )
         for name in ("api_keys_env", "admin_api_keys_env"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 _fail(name, "must name an environment variable", getattr(self, name))
-        if self.max_ongoing_requests is not None and (not _is_int(self.max_ongoing_requests)
-                                                      or self.max_ongoing_requests < 1):
+        if self.max_ongoing_requests is not None and (
+            not _is_int(self.max_ongoing_requests) or self.max_ongoing_requests < 1
+        ):
             _fail("max_ongoing_requests", "must be None or an integer >= 1", self.max_ongoing_requests)
-        if not _is_int(self.max_queued_requests) or (self.max_queued_requests < 1 and self.max_queued_requests != -1):
-            _fail("max_queued_requests", "must be an integer >= 1, or -1 for no limit", self.max_queued_requests)
+        if not _is_int(self.max_queued_requests) or (
+            self.max_queued_requests < 1 and self.max_queued_requests != -1
+        ):
+            _fail(
+                "max_queued_requests", "must be an integer >= 1, or -1 for no limit", self.max_queued_requests
+            )
         if not isinstance(self.num_cpus, (int, float)) or self.num_cpus < 0:
             _fail("num_cpus", "must be a number >= 0", self.num_cpus)
         if not isinstance(self.router_num_cpus, (int, float)) or self.router_num_cpus < 0:
@@ -207,7 +231,7 @@ class ServeConfig:
         if self.served_model_name:
             return self.served_model_name
         if self.model.startswith(REGISTRY_SCHEME):
-            rest = self.model[len(REGISTRY_SCHEME):]
+            rest = self.model[len(REGISTRY_SCHEME) :]
             return rest.partition("@")[0] if "@" in rest else rest.rpartition("/")[0]
         return os.path.basename(os.path.normpath(self.model))
 
@@ -228,8 +252,9 @@ def build_serve_config(data: dict[str, Any]) -> ServeConfig:
     return config_io.build(ServeConfig, data)
 
 
-def load_serve_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                      **values: Any) -> ServeConfig:
+def load_serve_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, **values: Any
+) -> ServeConfig:
     """YAML file (optional) -> `--set key=value` overrides -> explicit values (CLI flags) -> ServeConfig.
     Explicit values that are None are ignored, so unset CLI flags keep the file's or the default value."""
     data = config_io.read_yaml(path) if path is not None else {}

@@ -61,21 +61,32 @@ class EngineStatsCollector(Collector):
                 del self._latest[key]
             snapshot = sorted(self._latest.items())
         families = {
-            "queue_depth": GaugeMetricFamily("lmforge_engine_queue_depth", "Requests waiting for an engine slot",
-                                             labels=["variant", "model", "replica"]),
-            "running": GaugeMetricFamily("lmforge_engine_running_sequences",
-                                         "Sequences in the running batch (busy engine slots)",
-                                         labels=["variant", "model", "replica"]),
-            "num_slots": GaugeMetricFamily("lmforge_engine_slots", "Engine slots (KV-cache rows) of the replica",
-                                           labels=["variant", "model", "replica"]),
+            "queue_depth": GaugeMetricFamily(
+                "lmforge_engine_queue_depth",
+                "Requests waiting for an engine slot",
+                labels=["variant", "model", "replica"],
+            ),
+            "running": GaugeMetricFamily(
+                "lmforge_engine_running_sequences",
+                "Sequences in the running batch (busy engine slots)",
+                labels=["variant", "model", "replica"],
+            ),
+            "num_slots": GaugeMetricFamily(
+                "lmforge_engine_slots",
+                "Engine slots (KV-cache rows) of the replica",
+                labels=["variant", "model", "replica"],
+            ),
             "kv_cache_usage": GaugeMetricFamily(
                 "lmforge_engine_kv_cache_usage_ratio",
                 "Share of the preallocated KV cache reserved by running sequences (busy slots / slots)",
-                labels=["variant", "model", "replica"]),
+                labels=["variant", "model", "replica"],
+            ),
         }
-        aborted = CounterMetricFamily("lmforge_engine_requests_aborted",
-                                      "Requests cancelled because the client went away (slots freed at once)",
-                                      labels=["variant", "model", "replica"])
+        aborted = CounterMetricFamily(
+            "lmforge_engine_requests_aborted",
+            "Requests cancelled because the client went away (slots freed at once)",
+            labels=["variant", "model", "replica"],
+        )
         for (variant, replica), (_, stats) in snapshot:
             labels = [variant, str(stats.get("model", "")), replica]
             for name, family in families.items():
@@ -96,24 +107,51 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lmforge_http_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
-        self.request_duration = Histogram("lmforge_http_request_duration_seconds",
-                                          "Time from request arrival to the last byte of the response",
-                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.time_to_first_token = Histogram("lmforge_time_to_first_token_seconds",
-                                             "Time from request arrival to the first generated token (queueing + prefill)",
-                                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram("lmforge_inter_token_latency_seconds",
-                                             "Time between consecutive generated tokens of one sequence",
-                                             ["model"], buckets=TOKEN_BUCKETS, registry=r)
-        self.generated_tokens = Counter("lmforge_generated_tokens", "Tokens generated (all choices)",
-                                        ["model"], registry=r)
-        self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
-        self.sequences_finished = Counter("lmforge_sequences_finished", "Finished sequences by finish reason",
-                                          ["model", "reason"], registry=r)
-        self.model_reloads = Counter("lmforge_model_reloads", "Model versions swapped in while serving",
-                                     ["variant", "model"], registry=r)
+        self.requests = Counter(
+            "lmforge_http_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "lmforge_http_request_duration_seconds",
+            "Time from request arrival to the last byte of the response",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "lmforge_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token (queueing + prefill)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "lmforge_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one sequence",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "lmforge_generated_tokens", "Tokens generated (all choices)", ["model"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "lmforge_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.sequences_finished = Counter(
+            "lmforge_sequences_finished",
+            "Finished sequences by finish reason",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "lmforge_model_reloads",
+            "Model versions swapped in while serving",
+            ["variant", "model"],
+            registry=r,
+        )
         self.engine = EngineStatsCollector()
         r.register(self.engine)
 

@@ -20,10 +20,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from serving.config import ServeConfig
-from serving.protocol import APIError, GenerationRequest
-from serving.registry import RegistryClient, ResolvedVersion, is_registry_uri, parse_model_uri
-from serving.runner import ModelRunner
+from lmforge.errors import InputNotFoundError
+from lmforge.registry import RegistryClient, ResolvedVersion, is_registry_uri, parse_model_uri
+from lmforge.serving.config import ServeConfig
+from lmforge.serving.protocol import APIError, GenerationRequest
+from lmforge.serving.runner import ModelRunner
 
 log = logging.getLogger("lmforge.serving")
 
@@ -33,7 +34,9 @@ class ModelLoadError(RuntimeError):
 
 
 class ModelServer:
-    def __init__(self, cfg: ServeConfig, variant: str = "a", *, replica: str = "local", poll: bool = True) -> None:
+    def __init__(
+        self, cfg: ServeConfig, variant: str = "a", *, replica: str = "local", poll: bool = True
+    ) -> None:
         self.cfg, self.variant, self.replica = cfg, variant, replica
         self.source = cfg.variants[variant]
         # version B falls back to version A, so a broken challenger never takes the service down
@@ -51,8 +54,9 @@ class ModelServer:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         if poll and cfg.registry_poll_s > 0 and (is_registry_uri(self.source) or self.serving_fallback):
-            self._poller = threading.Thread(target=self._poll_loop, name=f"lmforge-registry-poll-{variant}",
-                                            daemon=True)
+            self._poller = threading.Thread(
+                target=self._poll_loop, name=f"lmforge-registry-poll-{variant}", daemon=True
+            )
             self._poller.start()
 
     # ---- loading ------------------------------------------------------------------------------
@@ -69,12 +73,14 @@ class ModelServer:
             return self.registry.download(version, self.cfg.model_cache_dir), version.label, version
         path = Path(source)
         if not path.is_dir():
-            raise FileNotFoundError(f"model directory {path} does not exist")
+            raise InputNotFoundError(f"model directory {path} does not exist")
         return path, path.resolve().name, None
 
     def _load(self, source: str) -> tuple[ModelRunner, ResolvedVersion | None]:
         model_dir, label, version = self._locate(source)
-        runner = ModelRunner.load(model_dir, self.cfg.engine, label=label, source=source, replica=self.replica)
+        runner = ModelRunner.load(
+            model_dir, self.cfg.engine, label=label, source=source, replica=self.replica
+        )
         return runner, version
 
     def _load_initial(self) -> None:
@@ -86,13 +92,20 @@ class ModelServer:
             primary_error = f"{type(err).__name__}: {err}"
             if not self.fallback:
                 raise ModelLoadError(f"cannot load model {self.source}: {primary_error}") from err
-        log.warning("variant %s: cannot load %s (%s); loading the fallback %s", self.variant, self.source,
-                    primary_error, self.fallback)
+        log.warning(
+            "variant %s: cannot load %s (%s); loading the fallback %s",
+            self.variant,
+            self.source,
+            primary_error,
+            self.fallback,
+        )
         try:
             self.current, self.current_version = self._load(self.fallback)
         except Exception as err:
-            raise ModelLoadError(f"cannot load model {self.source} ({primary_error}) nor its fallback "
-                                 f"{self.fallback} ({type(err).__name__}: {err})") from err
+            raise ModelLoadError(
+                f"cannot load model {self.source} ({primary_error}) nor its fallback "
+                f"{self.fallback} ({type(err).__name__}: {err})"
+            ) from err
         self.serving_fallback = True
         self.last_error = primary_error
 
@@ -105,8 +118,11 @@ class ModelServer:
             try:
                 if is_registry_uri(self.source):
                     version = self.registry.resolve(parse_model_uri(self.source))
-                    changed = self.serving_fallback or self.current_version is None \
+                    changed = (
+                        self.serving_fallback
+                        or self.current_version is None
                         or version.version != self.current_version.version
+                    )
                 else:
                     changed = self.serving_fallback
                 if changed or force:
@@ -116,11 +132,20 @@ class ModelServer:
                 self.last_error = None
             except Exception as err:
                 self.last_error = f"{type(err).__name__}: {err}"
-                log.error("variant %s: reload of %s failed, still serving %s: %s", self.variant, self.source,
-                          before, self.last_error)
-            return {"variant": self.variant, "before": before, "model": self.current.info.label,
-                    "swapped": self.current is not old,
-                    "error": self.last_error}
+                log.error(
+                    "variant %s: reload of %s failed, still serving %s: %s",
+                    self.variant,
+                    self.source,
+                    before,
+                    self.last_error,
+                )
+            return {
+                "variant": self.variant,
+                "before": before,
+                "model": self.current.info.label,
+                "swapped": self.current is not old,
+                "error": self.last_error,
+            }
 
     def _swap(self, runner: ModelRunner, version: ResolvedVersion | None) -> None:
         old = self.current
@@ -146,7 +171,9 @@ class ModelServer:
             if runner.acquire():
                 return runner
             time.sleep(0.001)
-        raise APIError(503, "the model is being swapped; retry", "overloaded_error", headers={"Retry-After": "1"})
+        raise APIError(
+            503, "the model is being swapped; retry", "overloaded_error", headers={"Retry-After": "1"}
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
         try:
@@ -164,16 +191,32 @@ class ModelServer:
 
     def stats(self) -> dict[str, Any]:
         stats = self.current.stats()
-        return stats | {"variant": self.variant, "reloads": self.reloads,
-                        "aborted": stats["aborted"] + self._aborted_before}
+        return stats | {
+            "variant": self.variant,
+            "reloads": self.reloads,
+            "aborted": stats["aborted"] + self._aborted_before,
+        }
 
     def info(self) -> dict[str, Any]:
         i = self.current.info
-        return {"variant": self.variant, "model": i.label, "source": self.source, "model_dir": i.model_dir,
-                "serving_fallback": self.serving_fallback, "max_model_len": i.max_model_len,
-                "num_slots": i.num_slots, "device": i.device, "dtype": i.dtype, "loaded_at": i.loaded_at,
-                "reloads": self.reloads, "last_error": self.last_error, "replica": self.replica,
-                "draining": [{"model": r.info.label, "active_requests": r.active} for r in self._draining if r.active]}
+        return {
+            "variant": self.variant,
+            "model": i.label,
+            "source": self.source,
+            "model_dir": i.model_dir,
+            "serving_fallback": self.serving_fallback,
+            "max_model_len": i.max_model_len,
+            "num_slots": i.num_slots,
+            "device": i.device,
+            "dtype": i.dtype,
+            "loaded_at": i.loaded_at,
+            "reloads": self.reloads,
+            "last_error": self.last_error,
+            "replica": self.replica,
+            "draining": [
+                {"model": r.info.label, "active_requests": r.active} for r in self._draining if r.active
+            ],
+        }
 
     def check_health(self) -> None:
         """Ray Serve calls this periodically; raising makes it replace the replica."""

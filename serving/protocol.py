@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.generation import MAX_LOGPROBS
+from lmforge.model.generation import MAX_LOGPROBS
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 128
@@ -31,26 +31,53 @@ MAX_N = 128
 class APIError(Exception):
     """An error answered as an OpenAI error object: {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.error_type = status, message, error_type
         self.param, self.code, self.headers = param, code, headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def event(self) -> dict[str, Any]:
         """The same error as a replica stream event."""
         retry = self.headers.get("Retry-After")
-        return {"type": "error", "status": self.status, "error_type": self.error_type, "message": self.message,
-                "param": self.param, "code": self.code, "retry_after": int(retry) if retry else None}
+        return {
+            "type": "error",
+            "status": self.status,
+            "error_type": self.error_type,
+            "message": self.message,
+            "param": self.param,
+            "code": self.code,
+            "retry_after": int(retry) if retry else None,
+        }
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> APIError:
         headers = {"Retry-After": str(event["retry_after"])} if event.get("retry_after") else {}
-        return cls(event["status"], event["message"], event["error_type"], event.get("param"), event.get("code"),
-                   headers)
+        return cls(
+            event["status"],
+            event["message"],
+            event["error_type"],
+            event.get("param"),
+            event.get("code"),
+            headers,
+        )
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -75,11 +102,15 @@ class _SamplingFields(_Strict):
     n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate for each prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings (not returned)")
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} stop strings (not returned)"
+    )
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible (choice i uses seed + i)")
-    user: str | None = Field(None, description="End-user id; also keeps an A/B test's choice of version sticky")
+    user: str | None = Field(
+        None, description="End-user id; also keeps an A/B test's choice of version sticky"
+    )
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be absent or empty")
     # lmforge extensions (vLLM uses the same names)
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0 = off)")
@@ -90,33 +121,55 @@ class _SamplingFields(_Strict):
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
-            raise bad_request(f"stop: at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}", "stop")
+            raise bad_request(
+                f"stop: at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}", "stop"
+            )
         if any(not s for s in stops):
             raise bad_request("stop: stop strings must be non-empty", "stop")
         return stops
 
     def check_unsupported(self) -> None:
         if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported_parameter")
+            raise bad_request(
+                "logit_bias is not supported by this server", "logit_bias", "unsupported_parameter"
+            )
 
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments for model.generation.SamplingParams (max_new_tokens and stops added later)."""
-        return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k,
-                    min_p=float(self.min_p), repetition_penalty=float(self.repetition_penalty),
-                    frequency_penalty=float(self.frequency_penalty), presence_penalty=float(self.presence_penalty),
-                    n=self.n, seed=self.seed, ignore_eos=self.ignore_eos)
+        return dict(
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            top_k=self.top_k,
+            min_p=float(self.min_p),
+            repetition_penalty=float(self.repetition_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            presence_penalty=float(self.presence_penalty),
+            n=self.n,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, a batch of texts, token ids, or a batch of token-id lists")
-    max_tokens: int | None = Field(None, ge=0, description="Tokens to generate per choice (default 16; 0 needs echo)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of the chosen tokens "
-                                 "plus this many alternatives")
-    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: its token "
-                       "log-probabilities, as lm-evaluation-harness uses)")
+        description="Text, a batch of texts, token ids, or a batch of token-id lists"
+    )
+    max_tokens: int | None = Field(
+        None, ge=0, description="Tokens to generate per choice (default 16; 0 needs echo)"
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Log-probabilities of the chosen tokens plus this many alternatives",
+    )
+    echo: bool = Field(
+        False,
+        description="Return the prompt before the completion (with logprobs: its token "
+        "log-probabilities, as lm-evaluation-harness uses)",
+    )
     best_of: int | None = Field(None, ge=1, description="Only best_of == n is supported")
     suffix: str | None = Field(None, description="Not supported: must be absent")
 
@@ -135,11 +188,15 @@ class CompletionRequest(_SamplingFields):
         if self.suffix is not None:
             raise bad_request("suffix is not supported by this server", "suffix", "unsupported_parameter")
         if self.best_of is not None and self.best_of != self.n:
-            raise bad_request(f"best_of={self.best_of} is not supported: only best_of == n ({self.n})", "best_of",
-                              "unsupported_parameter")
+            raise bad_request(
+                f"best_of={self.best_of} is not supported: only best_of == n ({self.n})",
+                "best_of",
+                "unsupported_parameter",
+            )
         if self.max_tokens == 0 and not self.echo:
-            raise bad_request("max_tokens: must be >= 1 (0 is allowed only with echo=true, to score a prompt)",
-                              "max_tokens")
+            raise bad_request(
+                "max_tokens: must be >= 1 (0 is allowed only with echo=true, to score a prompt)", "max_tokens"
+            )
         if self.max_tokens == 0 and self.stream:
             raise bad_request("max_tokens=0 cannot be streamed", "max_tokens")
 
@@ -180,10 +237,14 @@ class ChatCompletionRequest(_SamplingFields):
         super().check_unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise bad_request("give max_tokens or max_completion_tokens, not two different values",
-                              "max_completion_tokens")
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise bad_request(
+                "give max_tokens or max_completion_tokens, not two different values", "max_completion_tokens"
+            )
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -3,7 +3,7 @@
 `ModelRunner.generate(request)` is the text-level request path shared by the Ray replica and the
 in-process server: text/messages -> token ids (chat template, bos) -> checks against the context ->
 `EngineDriver.submit` (one engine request per choice) -> token events -> text deltas (incremental detokenization, stop strings,
-from lmforge/textgen.py) -> the plain dict events described in serving/protocol.py.
+from serving/textgen.py) -> the plain dict events described in serving/protocol.py.
 
 Every way a request can be wrong becomes an `error` event with a 4xx status before it reaches the
 engine; a full engine queue becomes 503 + Retry-After. When the consumer stops listening (client
@@ -26,13 +26,14 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.textgen import TextDecoder, encode_prompt, eos_token_ids
-from model.checkpoint import dtype_from_name, load_model_dir
-from model.engine import Engine, EngineDriver, QueueFull
-from model.generation import SamplingParams, SamplingParamsError
-from serving.chat import ChatTemplate
-from serving.config import EngineConfig
-from serving.protocol import APIError, GenerationRequest, bad_request
+from lmforge.errors import InputNotFoundError, UserError
+from lmforge.model.checkpoint import dtype_from_name, load_model_dir
+from lmforge.model.engine import Engine, EngineDriver, QueueFull
+from lmforge.model.generation import SamplingParams, SamplingParamsError
+from lmforge.serving.chat import ChatTemplate
+from lmforge.serving.config import EngineConfig
+from lmforge.serving.protocol import APIError, GenerationRequest, bad_request
+from lmforge.serving.textgen import TextDecoder, encode_prompt, eos_token_ids
 
 log = logging.getLogger("lmforge.serving")
 
@@ -52,7 +53,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 # ---- token text and bytes (for logprobs) ---------------------------------------------------------
 def _byte_decoder() -> dict[str, int]:
     """The inverse of the GPT-2 byte-to-unicode table that byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = list(printable), 0
     for b in range(256):
         if b not in printable:
@@ -85,10 +90,16 @@ class TokenTexts:
             self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
         return self._cache[token_id]
 
-    def entry(self, token_id: int, logprob: float | None, top: tuple[tuple[int, float], ...] = ()) -> dict[str, Any]:
+    def entry(
+        self, token_id: int, logprob: float | None, top: tuple[tuple[int, float], ...] = ()
+    ) -> dict[str, Any]:
         text, raw = self.get(token_id)
-        return {"token": text, "bytes": raw, "logprob": logprob,
-                "top": [(self.get(t)[0], lp, self.get(t)[1]) for t, lp in top]}
+        return {
+            "token": text,
+            "bytes": raw,
+            "logprob": logprob,
+            "top": [(self.get(t)[0], lp, self.get(t)[1]) for t, lp in top],
+        }
 
 
 # ---- the runner -------------------------------------------------------------------------------
@@ -109,12 +120,28 @@ class ModelRunner:
     """A model version with its engine; requests hold it (acquire/release) so a hot swap can retire
     it only once the last in-flight request has finished."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, cfg: EngineConfig, *, label: str,
-                 source: str, model_dir: str, chat_template: str | None, bos_token: str | None,
-                 eos_token: str | None, replica: str = "local") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        cfg: EngineConfig,
+        *,
+        label: str,
+        source: str,
+        model_dir: str,
+        chat_template: str | None,
+        bos_token: str | None,
+        eos_token: str | None,
+        replica: str = "local",
+    ) -> None:
         self.model, self.tokenizer, self.replica = model, tokenizer, replica
-        self.engine = Engine(model, num_slots=cfg.num_slots, max_len=cfg.max_model_len, max_queue=cfg.max_queue,
-                             compile=cfg.compile)
+        self.engine = Engine(
+            model,
+            num_slots=cfg.num_slots,
+            max_len=cfg.max_model_len,
+            max_queue=cfg.max_queue,
+            compile=cfg.compile,
+        )
         self.driver = EngineDriver(self.engine).start()
         self.texts = TokenTexts(tokenizer)
         mcfg = model.config
@@ -124,16 +151,32 @@ class ModelRunner:
         self.chat = ChatTemplate(chat_template, bos_token, eos_token) if chat_template else None
         self.chat_stop_ids = tuple(self.chat.turn_end_ids(tokenizer)) if self.chat else ()
         param = next(model.parameters())
-        self.info = RunnerInfo(label, source, str(model_dir), self.engine.max_len, cfg.num_slots, mcfg.vocab_size,
-                               str(param.device), str(param.dtype).removeprefix("torch."), time.time())
+        self.info = RunnerInfo(
+            label,
+            source,
+            str(model_dir),
+            self.engine.max_len,
+            cfg.num_slots,
+            mcfg.vocab_size,
+            str(param.device),
+            str(param.dtype).removeprefix("torch."),
+            time.time(),
+        )
         self._active = 0
         self._retired = False
         self.aborted = 0  # requests whose consumer left before the end (client disconnect)
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, model_dir: str | Path, cfg: EngineConfig, *, label: str | None = None, source: str | None = None,
-             replica: str = "local") -> ModelRunner:
+    def load(
+        cls,
+        model_dir: str | Path,
+        cfg: EngineConfig,
+        *,
+        label: str | None = None,
+        source: str | None = None,
+        replica: str = "local",
+    ) -> ModelRunner:
         model_dir = Path(model_dir)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
@@ -141,11 +184,15 @@ class ModelRunner:
         model = load_model_dir(model_dir, device=device, dtype=pick_dtype(cfg.dtype, device))
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{model_dir} has no tokenizer.json: serving text needs the model's tokenizer")
+            raise InputNotFoundError(
+                f"{model_dir} has no tokenizer.json: serving text needs the model's tokenizer"
+            )
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         if tokenizer.get_vocab_size() > model.config.vocab_size:
-            raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
-                             f"only {model.config.vocab_size}; they do not belong together")
+            raise UserError(
+                f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+                f"only {model.config.vocab_size}; they do not belong together"
+            )
         tok_cfg_file = model_dir / "tokenizer_config.json"
         tok_cfg = json.loads(tok_cfg_file.read_text(encoding="utf-8")) if tok_cfg_file.is_file() else {}
         template = tok_cfg.get("chat_template")
@@ -153,9 +200,18 @@ class ModelRunner:
             template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
         if isinstance(template, list):  # the multi-template form: [{"name": "default", "template": ...}]
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        return cls(model, tokenizer, cfg, label=label or model_dir.name, source=source or str(model_dir),
-                   model_dir=str(model_dir), chat_template=template, bos_token=_token_text(tok_cfg.get("bos_token")),
-                   eos_token=_token_text(tok_cfg.get("eos_token")), replica=replica)
+        return cls(
+            model,
+            tokenizer,
+            cfg,
+            label=label or model_dir.name,
+            source=source or str(model_dir),
+            model_dir=str(model_dir),
+            chat_template=template,
+            bos_token=_token_text(tok_cfg.get("bos_token")),
+            eos_token=_token_text(tok_cfg.get("eos_token")),
+            replica=replica,
+        )
 
     # ---- lifetime -----------------------------------------------------------------------------
     def acquire(self) -> bool:
@@ -195,15 +251,26 @@ class ModelRunner:
 
     def stats(self) -> dict[str, Any]:
         running, slots = self.engine.num_running, self.engine.num_slots
-        return {"replica": self.replica, "model": self.info.label, "queue_depth": self.engine.num_waiting,
-                "running": running, "num_slots": slots, "kv_cache_usage": running / slots, "aborted": self.aborted}
+        return {
+            "replica": self.replica,
+            "model": self.info.label,
+            "queue_depth": self.engine.num_waiting,
+            "running": running,
+            "num_slots": slots,
+            "kv_cache_usage": running / slots,
+            "aborted": self.aborted,
+        }
 
     # ---- requests -----------------------------------------------------------------------------
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.chat:
             if self.chat is None:
-                raise bad_request(f"model {self.info.label} has no chat template (tokenizer_config.json "
-                                  "chat_template); use /v1/completions", "messages", "chat_template_missing")
+                raise bad_request(
+                    f"model {self.info.label} has no chat template (tokenizer_config.json "
+                    "chat_template); use /v1/completions",
+                    "messages",
+                    "chat_template_missing",
+                )
             return encode_prompt(self.tokenizer, self.chat.render(request.messages), self.bos_id)
         if isinstance(request.prompt, str):
             if not request.prompt and self.bos_id is None:
@@ -215,26 +282,41 @@ class ModelRunner:
         vocab = self.info.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise bad_request(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+            raise bad_request(
+                f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt"
+            )
         return ids
 
     def sampling_params(self, request: GenerationRequest, prompt_len: int) -> SamplingParams:
         max_len = self.info.max_model_len
         where = "messages" if request.chat else "prompt"
         if prompt_len >= max_len:
-            raise bad_request(f"{where}: {prompt_len} tokens leave no room to generate in this model's context of "
-                              f"{max_len} tokens", where, "context_length_exceeded")
+            raise bad_request(
+                f"{where}: {prompt_len} tokens leave no room to generate in this model's context of "
+                f"{max_len} tokens",
+                where,
+                "context_length_exceeded",
+            )
         max_tokens = request.max_tokens if request.max_tokens is not None else max_len - prompt_len
         if prompt_len + max_tokens > max_len:
-            raise bad_request(f"max_tokens: {max_tokens} plus the prompt's {prompt_len} tokens exceeds this model's "
-                              f"context of {max_len} tokens; ask for at most {max_len - prompt_len}", "max_tokens",
-                              "context_length_exceeded")
+            raise bad_request(
+                f"max_tokens: {max_tokens} plus the prompt's {prompt_len} tokens exceeds this model's "
+                f"context of {max_len} tokens; ask for at most {max_len - prompt_len}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         stop_ids: tuple[int, ...] = ()
         if not request.sampling.get("ignore_eos"):
-            stop_ids = tuple(dict.fromkeys(self.extra_stop_ids + (self.chat_stop_ids if request.chat else ())))
+            stop_ids = tuple(
+                dict.fromkeys(self.extra_stop_ids + (self.chat_stop_ids if request.chat else ()))
+            )
         try:
-            return SamplingParams(max_new_tokens=max(max_tokens, 1), stop_token_ids=stop_ids,
-                                  logprobs=request.logprobs, **request.sampling)
+            return SamplingParams(
+                max_new_tokens=max(max_tokens, 1),
+                stop_token_ids=stop_ids,
+                logprobs=request.logprobs,
+                **request.sampling,
+            )
         except SamplingParamsError as err:
             field = str(err).removeprefix("sampling.").split(" ", 1)[0]
             raise bad_request(str(err).removeprefix("sampling."), _API_NAMES.get(field, field)) from err
@@ -249,10 +331,15 @@ class ModelRunner:
             return
         start: dict[str, Any] = {"type": "start", "prompt_tokens": len(ids), "model": self.info.label}
         if request.echo:
-            start["prompt_text"] = self.tokenizer.decode(ids, skip_special_tokens=False) \
-                if not isinstance(request.prompt, str) else request.prompt
+            start["prompt_text"] = (
+                self.tokenizer.decode(ids, skip_special_tokens=False)
+                if not isinstance(request.prompt, str)
+                else request.prompt
+            )
             if request.logprobs is not None:
-                start["prompt_logprobs"] = await asyncio.to_thread(self.prompt_logprobs, ids, request.logprobs)
+                start["prompt_logprobs"] = await asyncio.to_thread(
+                    self.prompt_logprobs, ids, request.logprobs
+                )
         if request.max_tokens == 0:  # echo-only scoring request: nothing to generate
             start["stats"] = self.stats()
             yield start
@@ -261,18 +348,29 @@ class ModelRunner:
             yield {"type": "end", "stats": self.stats()}
             return
         if params.n > self.info.num_slots:
-            yield bad_request(f"n: at most {self.info.num_slots} choices per prompt on this server "
-                              f"(engine.num_slots), got {params.n}", "n").event()
+            yield bad_request(
+                f"n: at most {self.info.num_slots} choices per prompt on this server "
+                f"(engine.num_slots), got {params.n}",
+                "n",
+            ).event()
             return
         try:  # one engine request for all n choices: they share the prompt's prefill
             stream = self.driver.submit(ids, params, request_id=request.request_id)
         except QueueFull as err:
-            yield APIError(503, f"the server is busy: {err}", "overloaded_error", None, "queue_full",
-                           {"Retry-After": "1"}).event()
+            yield APIError(
+                503,
+                f"the server is busy: {err}",
+                "overloaded_error",
+                None,
+                "queue_full",
+                {"Retry-After": "1"},
+            ).event()
             return
         except (ValueError, RuntimeError) as err:  # duplicate id; RuntimeError: the engine failed
             status = 400 if isinstance(err, ValueError) else 503
-            yield APIError(status, str(err), "invalid_request_error" if status == 400 else "overloaded_error").event()
+            yield APIError(
+                status, str(err), "invalid_request_error" if status == 400 else "overloaded_error"
+            ).event()
             return
         start["stats"] = self.stats()
         yield start
@@ -329,7 +427,7 @@ class ModelRunner:
         out: list[dict[str, Any] | None] = [self.texts.entry(ids[0], None)]
         target = torch.tensor(ids[1:], dtype=torch.long, device=device)
         chosen = logprobs[:-1].gather(-1, target.unsqueeze(-1)).squeeze(-1).tolist()
-        top_vals, top_ids = (torch.topk(logprobs[:-1], k, dim=-1) if k > 0 else (None, None))
+        top_vals, top_ids = torch.topk(logprobs[:-1], k, dim=-1) if k > 0 else (None, None)
         for t in range(1, len(ids)):
             top = tuple(zip(top_ids[t - 1].tolist(), top_vals[t - 1].tolist())) if k > 0 else ()
             out.append(self.texts.entry(ids[t], chosen[t - 1], top))

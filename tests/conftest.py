@@ -35,8 +35,13 @@ def ray_local(tmp_path_factory):
         # Ray's socket paths must stay short (< 108 bytes): use a short dir under /tmp.
         short = Path("/tmp") / f"lmf-ray-{os.getpid()}"
         short.mkdir(exist_ok=True)
-        ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(short), log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            _temp_dir=str(short),
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+        )
         del temp_dir
     yield ray
     ray.shutdown()

@@ -3,8 +3,8 @@ script's pure helpers behave (the downloads themselves need apt/pip and are run 
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import importlib.util
 import re
 import sys
@@ -27,11 +27,18 @@ def _fetch_module():
 def test_sample_matches_sources_md():
     fetch = _fetch_module()
     files = sorted(p for p in (SAMPLE / "python-docs").rglob("*") if p.is_file())
-    records = [{"path": p.relative_to(SAMPLE / "python-docs").as_posix(),
-                "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files]
+    records = [
+        {
+            "path": p.relative_to(SAMPLE / "python-docs").as_posix(),
+            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        }
+        for p in files
+    ]
     sources = (SAMPLE / "SOURCES.md").read_text()
     assert f"Content hash: `{fetch.content_sha256(records)}`" in sources
-    assert f"holds {len(files)} Sphinx source files ({sum(p.stat().st_size for p in files):,} bytes" in sources
+    assert (
+        f"holds {len(files)} Sphinx source files ({sum(p.stat().st_size for p in files):,} bytes" in sources
+    )
     assert 1_000_000 < sum(p.stat().st_size for p in files) < 4_000_000  # "a few MB at most"
     licence = (SAMPLE / "LICENSE-PSF.txt").read_text()
     assert "PSF LICENSE AGREEMENT" in licence and "ZERO-CLAUSE BSD" in licence
@@ -48,10 +55,19 @@ def test_fetch_helpers():
     fetch = _fetch_module()
     rst = "Intro\n\n.. toctree::\n   :maxdepth: 2\n\n   string.rst\n   Regular expressions <re>\n\nAfter.\n   not_an_entry\n"
     assert fetch._toctree_entries(rst) == ["string", "re"]
-    assert fetch._strip_front_matter("---\nkey: mit\n---\n\nPermission is granted.\n") == "Permission is granted.\n"
+    assert (
+        fetch._strip_front_matter("---\nkey: mit\n---\n\nPermission is granted.\n")
+        == "Permission is granted.\n"
+    )
     assert fetch._strip_front_matter("no front matter") == "no front matter"
     bad: list[str] = []
     assert fetch._decode("café".encode("latin-1"), bad, "x.txt") == "caf\ufffd" and bad == ["x.txt"]
-    assert set(fetch.SOURCES) == {"python-docs", "linux-docs", "postgresql-docs", "django-docs",
-                                  "debian-reference", "licenses"}
+    assert set(fetch.SOURCES) == {
+        "python-docs",
+        "linux-docs",
+        "postgresql-docs",
+        "django-docs",
+        "debian-reference",
+        "licenses",
+    }
     assert all(s.licence and s.licence_file for s in fetch.SOURCES.values())

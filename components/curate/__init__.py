@@ -1,6 +1,6 @@
 """Data curation: raw company documents -> a clean, deduplicated, PII-redacted, documented dataset.
 
-    from components.curate import CurateConfig, curate
+    from lmforge.components.curate import CurateConfig, curate
     result = curate(["docs/", "s3://bucket/prefix"], "out/data", CurateConfig())
 
 One module per job: readers (inputs), normalize (decoding + text cleanup), markup (HTML), filters
@@ -9,7 +9,7 @@ output (JSONL shards), datacard (accounting), process (per-document work in the 
 pipeline (orchestration). The `lmforge curate` command and the KFP component both call `curate`.
 """
 
-from components.curate.config import CurateConfig
-from components.curate.pipeline import CurateResult, curate
+from lmforge.components.curate.config import CurateConfig
+from lmforge.components.curate.pipeline import CurateResult, curate
 
 __all__ = ["CurateConfig", "CurateResult", "curate"]

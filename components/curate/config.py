@@ -13,9 +13,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model.config import ConfigError
+from lmforge.model.config import ConfigError
 
-KNOWN_EXTENSIONS = {".txt": "text", ".md": "text", ".rst": "text", ".html": "html", ".htm": "html", ".jsonl": "jsonl"}
+KNOWN_EXTENSIONS = {
+    ".txt": "text",
+    ".md": "text",
+    ".rst": "text",
+    ".html": "html",
+    ".htm": "html",
+    ".jsonl": "jsonl",
+}
 MiB = 1 << 20
 
 
@@ -23,16 +30,22 @@ def _check_fraction(section: str, name: str, value: float | None, *, allow_none:
     if value is None and allow_none:
         return
     if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1]{' or null' if allow_none else ''}, got {value!r}")
+        raise ConfigError(
+            f"{name} must be a number in [0, 1]{' or null' if allow_none else ''}, got {value!r}"
+        )
 
 
-def _check_positive(section: str, name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+def _check_positive(
+    section: str, name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False
+) -> None:
     if value is None and allow_none:
         return
     low = 0 if allow_zero else 1
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
         where = name  # pydantic prefixes the section (e.g. "filters: min_words ...")
-        raise ConfigError(f"{where} must be a number >= {low}{' or null' if allow_none else ''}, got {value!r}")
+        raise ConfigError(
+            f"{where} must be a number >= {low}{' or null' if allow_none else ''}, got {value!r}"
+        )
 
 
 @dataclass
@@ -47,7 +60,9 @@ class InputConfig:
     def __post_init__(self) -> None:
         unknown = [e for e in self.extensions if e not in KNOWN_EXTENSIONS]
         if unknown:
-            raise ConfigError(f"extensions has unsupported {unknown}; known: {sorted(KNOWN_EXTENSIONS)} (each may also be gzip'd, e.g. .jsonl.gz)")
+            raise ConfigError(
+                f"extensions has unsupported {unknown}; known: {sorted(KNOWN_EXTENSIONS)} (each may also be gzip'd, e.g. .jsonl.gz)"
+            )
         if not self.extensions:
             raise ConfigError("extensions must list at least one extension")
         if not self.text_field:
@@ -74,14 +89,22 @@ class NormalizeConfig:
     max_consecutive_blank_lines: int = 1
 
     def __post_init__(self) -> None:
-        _check_fraction("normalize", "max_invalid_utf8_fraction", self.max_invalid_utf8_fraction, allow_none=False)
+        _check_fraction(
+            "normalize", "max_invalid_utf8_fraction", self.max_invalid_utf8_fraction, allow_none=False
+        )
         if self.legacy_encoding is not None:
             try:
                 codecs.lookup(self.legacy_encoding)
             except LookupError:
-                raise ConfigError(f"legacy_encoding {self.legacy_encoding!r} is not a codec Python knows") from None
-        _check_fraction("normalize", "binary_control_fraction", self.binary_control_fraction, allow_none=False)
-        _check_positive("normalize", "max_consecutive_blank_lines", self.max_consecutive_blank_lines, allow_zero=True)
+                raise ConfigError(
+                    f"legacy_encoding {self.legacy_encoding!r} is not a codec Python knows"
+                ) from None
+        _check_fraction(
+            "normalize", "binary_control_fraction", self.binary_control_fraction, allow_none=False
+        )
+        _check_positive(
+            "normalize", "max_consecutive_blank_lines", self.max_consecutive_blank_lines, allow_zero=True
+        )
 
 
 @dataclass
@@ -104,8 +127,13 @@ class FilterConfig:
     def __post_init__(self) -> None:
         for name in ("min_words", "max_words", "min_mean_word_length", "max_mean_word_length"):
             _check_positive("filters", name, getattr(self, name), allow_none=True, allow_zero=True)
-        for name in ("min_alpha_fraction", "max_symbol_word_ratio", "max_duplicate_line_fraction",
-                     "max_bullet_line_fraction", "max_ellipsis_line_fraction"):
+        for name in (
+            "min_alpha_fraction",
+            "max_symbol_word_ratio",
+            "max_duplicate_line_fraction",
+            "max_bullet_line_fraction",
+            "max_ellipsis_line_fraction",
+        ):
             _check_fraction("filters", name, getattr(self, name))
         for lo, hi in (("min_words", "max_words"), ("min_mean_word_length", "max_mean_word_length")):
             a, b = getattr(self, lo), getattr(self, hi)
@@ -120,7 +148,9 @@ class FilterConfig:
 class DedupConfig:
     exact: bool = True  # drop documents whose whitespace-normalised text was already kept
     near: bool = True  # drop documents too similar to a kept one (MinHash + LSH)
-    jaccard_threshold: float = 0.8  # estimated Jaccard similarity of word shingles at which a doc is a near-duplicate
+    jaccard_threshold: float = (
+        0.8  # estimated Jaccard similarity of word shingles at which a doc is a near-duplicate
+    )
     num_perm: int = 128  # MinHash permutations (more = more precise estimates, more memory)
     shingle_words: int = 5  # words per shingle
     seed: int = 1
@@ -157,7 +187,9 @@ class SplitConfig:
         _check_fraction("split", "validation", self.validation, allow_none=False)
         _check_fraction("split", "test", self.test, allow_none=False)
         if self.validation + self.test >= 1.0:
-            raise ConfigError(f"validation + test must be < 1 (train needs a share), got {self.validation + self.test}")
+            raise ConfigError(
+                f"validation + test must be < 1 (train needs a share), got {self.validation + self.test}"
+            )
 
 
 @dataclass

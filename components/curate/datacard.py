@@ -15,15 +15,28 @@ from typing import Any
 
 import yaml
 
-from components.curate.filters import FILTER_REASONS
-from components.curate.output import DATACARD_JSON, DATACARD_MD
-from components.curate.pii import PII_TYPES, PLACEHOLDERS
-from components.curate.split import SPLITS
+from lmforge.components.curate.filters import FILTER_REASONS
+from lmforge.components.curate.output import DATACARD_JSON, DATACARD_MD
+from lmforge.components.curate.pii import PII_TYPES, PLACEHOLDERS
+from lmforge.components.curate.split import SPLITS
 
-READ_REASONS = ("unsupported_format", "read_error", "oversized", "binary", "empty", "undecodable",
-                "invalid_json", "missing_text", "processing_error")
+READ_REASONS = (
+    "unsupported_format",
+    "read_error",
+    "oversized",
+    "binary",
+    "empty",
+    "undecodable",
+    "invalid_json",
+    "missing_text",
+    "processing_error",
+)
 DEDUP_REASONS = ("exact_duplicate", "near_duplicate")
-STAGE = {**{r: "read" for r in READ_REASONS}, **{r: "quality" for r in FILTER_REASONS}, **{r: "dedup" for r in DEDUP_REASONS}}
+STAGE = {
+    **{r: "read" for r in READ_REASONS},
+    **{r: "quality" for r in FILTER_REASONS},
+    **{r: "dedup" for r in DEDUP_REASONS},
+}
 REASONS = READ_REASONS + FILTER_REASONS + DEDUP_REASONS
 MAX_ERRORS = 50
 DATACARD_FORMAT = "lmforge-datacard"
@@ -32,7 +45,9 @@ DATACARD_VERSION = 1
 
 class Ledger:
     def __init__(self, inputs: list[str], files_per_input: list[int]) -> None:
-        self.inputs = [{"uri": uri, "files": n, "documents": 0, "kept": 0} for uri, n in zip(inputs, files_per_input)]
+        self.inputs = [
+            {"uri": uri, "files": n, "documents": 0, "kept": 0} for uri, n in zip(inputs, files_per_input)
+        ]
         self.docs_in = self.bytes_in = 0
         self.kept = self.kept_raw_bytes = self.bytes_out = 0
         self.rejected = {r: [0, 0] for r in REASONS}  # reason -> [documents, raw bytes]
@@ -50,14 +65,29 @@ class Ledger:
         if detail and len(self.errors) < MAX_ERRORS:
             self.errors.append(detail)
 
-    def reject(self, input_index: int, raw_bytes: int, reason: str, encoding: str | None = None, detail: str | None = None) -> None:
+    def reject(
+        self,
+        input_index: int,
+        raw_bytes: int,
+        reason: str,
+        encoding: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         if reason not in self.rejected:
             raise KeyError(f"unknown rejection reason {reason!r}")  # a bug: every reason is declared above
         self._seen(input_index, raw_bytes, encoding, detail)
         self.rejected[reason][0] += 1
         self.rejected[reason][1] += raw_bytes
 
-    def keep(self, input_index: int, raw_bytes: int, split: str, text_bytes: int, pii: tuple[int, ...], encoding: str | None) -> None:
+    def keep(
+        self,
+        input_index: int,
+        raw_bytes: int,
+        split: str,
+        text_bytes: int,
+        pii: tuple[int, ...],
+        encoding: str | None,
+    ) -> None:
         self._seen(input_index, raw_bytes, encoding, None)
         self.kept += 1
         self.kept_raw_bytes += raw_bytes
@@ -68,8 +98,14 @@ class Ledger:
         for t, n in zip(PII_TYPES, pii):
             self.pii[t] += n
 
-    def finalize(self, files: dict[str, list[dict[str, Any]]], content_sha256: str, config: dict[str, Any],
-                 output_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finalize(
+        self,
+        files: dict[str, list[dict[str, Any]]],
+        content_sha256: str,
+        config: dict[str, Any],
+        output_dir: Path,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         rejected_docs = sum(d for d, _ in self.rejected.values())
         rejected_bytes = sum(b for _, b in self.rejected.values())
         if self.docs_in != self.kept + rejected_docs or self.bytes_in != self.kept_raw_bytes + rejected_bytes:
@@ -82,14 +118,24 @@ class Ledger:
         return {
             "format": DATACARD_FORMAT,
             "version": DATACARD_VERSION,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "created_by": f"lmforge {__version__} curate",
             "output_dir": str(output_dir),
             "inputs": self.inputs,
             "documents": {"in": self.docs_in, "kept": self.kept, "rejected": rejected_docs},
-            "bytes": {"in": self.bytes_in, "kept_raw": self.kept_raw_bytes, "rejected": rejected_bytes, "out": self.bytes_out},
-            "rejections": {r: {"stage": STAGE[r], "documents": d, "bytes": b} for r, (d, b) in self.rejected.items()},
-            "duplicates": {"exact": self.rejected["exact_duplicate"][0], "near": self.rejected["near_duplicate"][0]},
+            "bytes": {
+                "in": self.bytes_in,
+                "kept_raw": self.kept_raw_bytes,
+                "rejected": rejected_bytes,
+                "out": self.bytes_out,
+            },
+            "rejections": {
+                r: {"stage": STAGE[r], "documents": d, "bytes": b} for r, (d, b) in self.rejected.items()
+            },
+            "duplicates": {
+                "exact": self.rejected["exact_duplicate"][0],
+                "near": self.rejected["near_duplicate"][0],
+            },
             "pii_replacements": dict(self.pii),
             "encodings": dict(sorted(self.encodings.items())),
             "splits": {s: {**self.splits[s], "files": files[s]} for s in SPLITS},
@@ -125,9 +171,16 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     for reason, r in card["rejections"].items():
         lines.append(f"| {reason} | {r['stage']} | {r['documents']:,} | {r['bytes']:,} |")
-    lines += ["", f"Duplicates removed: {card['duplicates']['exact']:,} exact, {card['duplicates']['near']:,} near "
-              f"(MinHash Jaccard >= {card['config']['dedup']['jaccard_threshold']}).", "",
-              "## PII replacements", "", "| type | placeholder | replacements |", "|---|---|---:|"]
+    lines += [
+        "",
+        f"Duplicates removed: {card['duplicates']['exact']:,} exact, {card['duplicates']['near']:,} near "
+        f"(MinHash Jaccard >= {card['config']['dedup']['jaccard_threshold']}).",
+        "",
+        "## PII replacements",
+        "",
+        "| type | placeholder | replacements |",
+        "|---|---|---:|",
+    ]
     for t, n in card["pii_replacements"].items():
         lines.append(f"| {t} | `{PLACEHOLDERS[t]}` | {n:,} |")
     lines += ["", "## Splits", "", "| split | documents | text bytes | files |", "|---|---:|---:|---|"]
@@ -142,7 +195,15 @@ def render_markdown(card: dict[str, Any]) -> str:
         lines += [f"| {k} | {v:,} |" for k, v in card["encodings"].items()]
     if card["errors"]:
         lines += ["", f"## Errors (first {MAX_ERRORS})", ""] + [f"- {e}" for e in card["errors"]]
-    lines += ["", "## Config", "", "```yaml", yaml.safe_dump(card["config"], sort_keys=False).rstrip(), "```", ""]
+    lines += [
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        yaml.safe_dump(card["config"], sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

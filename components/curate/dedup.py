@@ -23,7 +23,7 @@ import zlib
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-from components.curate.config import DedupConfig
+from lmforge.components.curate.config import DedupConfig
 
 _WORDS = re.compile(r"\w+")
 
@@ -33,8 +33,19 @@ def exact_key(text: str) -> bytes:
 
 
 # Odd 64-bit multipliers for combining word hashes into shingle hashes (a polynomial rolling hash).
-_MULT = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5,
-                  0x85EBCA77C2B2AE63, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB], dtype=np.uint64)
+_MULT = np.array(
+    [
+        0x9E3779B97F4A7C15,
+        0xC2B2AE3D27D4EB4F,
+        0x165667B19E3779F9,
+        0x27D4EB2F165667C5,
+        0x85EBCA77C2B2AE63,
+        0xFF51AFD7ED558CCD,
+        0xC4CEB9FE1A85EC53,
+        0x94D049BB133111EB,
+    ],
+    dtype=np.uint64,
+)
 
 
 def shingle_hashes(text: str, n: int) -> np.ndarray:
@@ -69,8 +80,13 @@ class Signer:
 
     def signature(self, text: str) -> np.ndarray:
         # Inputs are already 32-bit shingle hashes, so datasketch's hash function is the identity.
-        m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashfunc=_identity,
-                    permutations=self._template.permutations, scheme="affine32")
+        m = MinHash(
+            num_perm=self.cfg.num_perm,
+            seed=self.cfg.seed,
+            hashfunc=_identity,
+            permutations=self._template.permutations,
+            scheme="affine32",
+        )
         m.update_batch(shingle_hashes(text, self.cfg.shingle_words).tolist())
         return m.hashvalues.astype(np.uint32)  # affine32 values fit in 32 bits; halves memory per document
 
@@ -85,7 +101,11 @@ class Deduplicator:
     def __init__(self, cfg: DedupConfig) -> None:
         self.cfg = cfg
         self._exact: set[bytes] = set()
-        self._lsh = MinHashLSH(threshold=cfg.jaccard_threshold, num_perm=cfg.num_perm, hashfunc=_band_key) if cfg.near else None
+        self._lsh = (
+            MinHashLSH(threshold=cfg.jaccard_threshold, num_perm=cfg.num_perm, hashfunc=_band_key)
+            if cfg.near
+            else None
+        )
         self._signatures: list[np.ndarray] = []  # by LSH key (= position)
 
     def check(self, key: bytes, signature: np.ndarray | None) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from components.curate.config import FilterConfig
+from lmforge.components.curate.config import FilterConfig
 
 FILTER_REASONS = (
     "too_few_words",

@@ -21,7 +21,7 @@ import codecs
 import re
 import unicodedata
 
-from components.curate.config import NormalizeConfig
+from lmforge.components.curate.config import NormalizeConfig
 
 _SNIFF = 8192
 _TEXT_CONTROLS = b"\t\n\r\f\b\x1b"  # control bytes that do occur in real text files
@@ -48,15 +48,19 @@ def decode(data: bytes, cfg: NormalizeConfig) -> tuple[str | None, str]:
     """(text, how) where how is 'utf-8', 'utf-8-repaired', 'utf-16'/'utf-32', the legacy codec, or
     'detected:<codec>';
     text is None when the bytes are undecodable under the policy."""
-    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+    for bom, codec in (
+        (codecs.BOM_UTF32_LE, "utf-32"),
+        (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
         if data.startswith(bom):
             try:
                 return data.decode(codec), codec
             except UnicodeDecodeError:
                 return None, codec
     if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+        data = data[len(codecs.BOM_UTF8) :]
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:

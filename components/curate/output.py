@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import IO, Any
 
-from components.curate.split import SPLITS
+from lmforge.components.curate.split import SPLITS
 from lmforge.errors import UserError
 
 DATACARD_JSON = "datacard.json"
@@ -28,10 +28,14 @@ REJECTIONS = "rejections.ndjson"
 def prepare_output(output_dir: Path, overwrite: bool) -> None:
     """Create the output folder; refuse to mix with an earlier dataset unless `overwrite`, in which
     case only the earlier dataset's own files (split folders, datacards) are removed."""
-    owned = [output_dir / s for s in SPLITS] + [output_dir / n for n in (DATACARD_JSON, DATACARD_MD, REJECTIONS)]
+    owned = [output_dir / s for s in SPLITS] + [
+        output_dir / n for n in (DATACARD_JSON, DATACARD_MD, REJECTIONS)
+    ]
     existing = [p for p in owned if p.exists()]
     if existing and not overwrite:
-        raise UserError(f"output folder {output_dir} already holds a curated dataset ({existing[0].name}); pass --overwrite to replace it")
+        raise UserError(
+            f"output folder {output_dir} already holds a curated dataset ({existing[0].name}); pass --overwrite to replace it"
+        )
     for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)

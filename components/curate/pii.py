@@ -16,7 +16,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 
-from components.curate.config import PiiConfig
+from lmforge.components.curate.config import PiiConfig
 
 PII_TYPES = ("private_key", "secret", "email", "ip_address", "phone")
 PLACEHOLDERS = {t: f"[{t.upper()}]" for t in PII_TYPES}
@@ -45,9 +45,13 @@ _ASSIGNED_VALUE = re.compile(r"""[:=][ \t]*["']?(?P<value>[A-Za-z0-9_\-+/=.~]{12
 _SECRET_NAME = re.compile(
     r"""(?i)(?:api[_-]?key|secret(?:[_-]?access)?[_-]?key|secret|token|passw(?:or)?d|pwd|auth[_-]?key|private[_-]?key|access[_-]?key)\b["']?[ \t]*\Z"""
 )
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"
+)
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
+_IPV6 = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"
+)
 _DATE_PREFIX = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}(?!\d)")
 _PHONE = re.compile(
     r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?"  # optional +country code, (area code)
@@ -62,8 +66,13 @@ def _is_public_ip(candidate: str) -> bool:
         ip = ipaddress.ip_address(candidate)
     except ValueError:
         return False
-    return not (ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast or
-                (ip.version == 4 and str(ip) == "255.255.255.255"))
+    return not (
+        ip.is_loopback
+        or ip.is_unspecified
+        or ip.is_link_local
+        or ip.is_multicast
+        or (ip.version == 4 and str(ip) == "255.255.255.255")
+    )
 
 
 def _looks_like_ipv6(candidate: str) -> bool:
@@ -81,7 +90,9 @@ def _looks_like_phone(candidate: str) -> bool:
     return "-" in candidate or "." in candidate
 
 
-def _sub(pattern: re.Pattern[str], text: str, placeholder: str, keep: Callable[[str], bool] | None = None) -> tuple[str, int]:
+def _sub(
+    pattern: re.Pattern[str], text: str, placeholder: str, keep: Callable[[str], bool] | None = None
+) -> tuple[str, int]:
     count = 0
 
     def repl(m: re.Match[str]) -> str:

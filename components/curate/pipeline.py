@@ -16,20 +16,20 @@ import multiprocessing as mp
 import os
 import sys
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.curate.config import CurateConfig, public_dict
-from components.curate.datacard import Ledger, write_datacard
-from components.curate.dedup import Deduplicator
-from components.curate.output import REJECTIONS, SplitWriter, prepare_output
-from components.curate.process import DocResult, Processor, init_worker, run_task
-from components.curate.readers import Part, list_sources, plan_tasks
-from components.curate.s3 import S3Settings
-from components.curate.split import SPLITS, assign_split
+from lmforge.components.curate.config import CurateConfig, public_dict
+from lmforge.components.curate.datacard import Ledger, write_datacard
+from lmforge.components.curate.dedup import Deduplicator
+from lmforge.components.curate.output import REJECTIONS, SplitWriter, prepare_output
+from lmforge.components.curate.process import DocResult, Processor, init_worker, run_task
+from lmforge.components.curate.readers import Part, list_sources, plan_tasks
+from lmforge.components.curate.s3 import S3Settings
+from lmforge.components.curate.split import SPLITS, assign_split
 
 MIN_BYTES_PER_AUTO_WORKER = 8 << 20  # with num_workers: null, one more worker per 8 MiB of input
 
@@ -57,7 +57,9 @@ class CurateResult:
         }
 
 
-def _run_tasks(tasks: list[list[Part]], cfg: CurateConfig, s3: S3Settings | None, workers: int) -> Iterator[list[DocResult]]:
+def _run_tasks(
+    tasks: list[list[Part]], cfg: CurateConfig, s3: S3Settings | None, workers: int
+) -> Iterator[list[DocResult]]:
     """Results of each work unit, in task order."""
     if workers <= 1:
         proc = Processor(cfg, s3)
@@ -68,7 +70,7 @@ def _run_tasks(tasks: list[list[Part]], cfg: CurateConfig, s3: S3Settings | None
     # the caller (tqdm, tokenizers, torch), yet the imports are paid once, in the server, not per worker.
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["components.curate.process"])
+        ctx.set_forkserver_preload(["lmforge.components.curate.process"])
     else:
         ctx = mp.get_context("spawn")
     # An executor rather than multiprocessing.Pool: if a worker dies (e.g. killed for memory) the
@@ -113,7 +115,9 @@ def curate(
         workers = max(1, min(cfg.num_workers, len(tasks)))
 
     input_names = [str(i) for i in inputs]
-    ledger = Ledger(input_names, [sum(1 for s in sources if s.input_index == i) for i in range(len(input_names))])
+    ledger = Ledger(
+        input_names, [sum(1 for s in sources if s.input_index == i) for i in range(len(input_names))]
+    )
     dedup = Deduplicator(cfg.dedup)
     writer = SplitWriter(output_dir, cfg.shard_bytes)
     bar = tqdm(unit="doc", desc="curate", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -125,7 +129,10 @@ def curate(
                 if reason is not None:
                     ledger.reject(r.input_index, r.raw_bytes, reason, r.encoding, r.detail)
                     entry = {"id": r.doc_id, "source": r.source_id, "reason": reason, "bytes": r.raw_bytes}
-                    rejections.write(json.dumps({**entry, "detail": r.detail} if r.detail else entry, ensure_ascii=False) + "\n")
+                    rejections.write(
+                        json.dumps({**entry, "detail": r.detail} if r.detail else entry, ensure_ascii=False)
+                        + "\n"
+                    )
                     continue
                 split = assign_split(r.doc_id, cfg.split)
                 writer.write(split, {"id": r.doc_id, "text": r.text, "source": r.source_id})
@@ -136,7 +143,22 @@ def curate(
         bar.close()
         rejections.close()
     files, content_sha = writer.finish()
-    card = ledger.finalize(files, content_sha, public_dict(cfg), output_dir,
-                           extra={"rejections_file": REJECTIONS, "sources": {"files": len(sources), "bytes_on_disk": total_bytes, "work_units": len(tasks), "workers": workers}})
+    card = ledger.finalize(
+        files,
+        content_sha,
+        public_dict(cfg),
+        output_dir,
+        extra={
+            "rejections_file": REJECTIONS,
+            "sources": {
+                "files": len(sources),
+                "bytes_on_disk": total_bytes,
+                "work_units": len(tasks),
+                "workers": workers,
+            },
+        },
+    )
     json_path, md_path = write_datacard(output_dir, card)
-    return CurateResult(output_dir, json_path, md_path, {s: [output_dir / f["path"] for f in files[s]] for s in SPLITS}, card)
+    return CurateResult(
+        output_dir, json_path, md_path, {s: [output_dir / f["path"] for f in files[s]] for s in SPLITS}, card
+    )

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.curate.config import CurateConfig
-from components.curate.dedup import Signer, exact_key
-from components.curate.filters import quality_reason
-from components.curate.markup import html_to_text
-from components.curate.normalize import decode, normalize_text
-from components.curate.pii import PII_TYPES, redact
-from components.curate.readers import Opener, Part, RawDoc, iter_raw_docs
-from components.curate.s3 import S3Settings
+from lmforge.components.curate.config import CurateConfig
+from lmforge.components.curate.dedup import Signer, exact_key
+from lmforge.components.curate.filters import quality_reason
+from lmforge.components.curate.markup import html_to_text
+from lmforge.components.curate.normalize import decode, normalize_text
+from lmforge.components.curate.pii import PII_TYPES, redact
+from lmforge.components.curate.readers import Opener, Part, RawDoc, iter_raw_docs
+from lmforge.components.curate.s3 import S3Settings
 
 
 @dataclass(slots=True)
@@ -48,7 +48,9 @@ class Processor:
 
     def process(self, raw: RawDoc) -> DocResult:
         src = raw.source
-        result = DocResult(raw.doc_id, src.doc_id, src.input_index, raw.raw_bytes, raw.reason, detail=raw.detail)
+        result = DocResult(
+            raw.doc_id, src.doc_id, src.input_index, raw.raw_bytes, raw.reason, detail=raw.detail
+        )
         if raw.reason is not None:
             return result
         try:

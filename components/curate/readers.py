@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from components.curate.config import KNOWN_EXTENSIONS, CurateConfig
-from components.curate.normalize import is_binary
-from components.curate.s3 import S3Settings, list_objects, make_client, resolve_settings
-from lmforge.errors import UserError
+from lmforge.components.curate.config import KNOWN_EXTENSIONS, CurateConfig
+from lmforge.components.curate.normalize import is_binary
+from lmforge.components.curate.s3 import S3Settings, list_objects, make_client, resolve_settings
+from lmforge.errors import InputNotFoundError, UserError
 
 CHUNK = 1 << 20
 SNIFF = 8192
@@ -77,7 +77,9 @@ def classify(name: str, extensions: Sequence[str]) -> tuple[str, bool]:
 
 
 # ---- listing (before any work starts) -------------------------------------------------------------
-def list_sources(inputs: Sequence[str | os.PathLike], cfg: CurateConfig) -> tuple[list[Source], S3Settings | None]:
+def list_sources(
+    inputs: Sequence[str | os.PathLike], cfg: CurateConfig
+) -> tuple[list[Source], S3Settings | None]:
     """All sources of all inputs, in a deterministic order; a missing input is an error here."""
     if not inputs:
         raise UserError("no inputs given (pass --input PATH...)")
@@ -99,7 +101,7 @@ def list_sources(inputs: Sequence[str | os.PathLike], cfg: CurateConfig) -> tupl
                 if key == base:
                     doc_id = key.rsplit("/", 1)[-1]
                 elif base:
-                    doc_id = f"{base.rsplit('/', 1)[-1]}/{key[len(base) + 1:]}"
+                    doc_id = f"{base.rsplit('/', 1)[-1]}/{key[len(base) + 1 :]}"
                 else:
                     doc_id = f"{b}/{key}"
                 kind, gz = classify(key, cfg.input.extensions)
@@ -107,7 +109,7 @@ def list_sources(inputs: Sequence[str | os.PathLike], cfg: CurateConfig) -> tupl
             continue
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f"input {spec} does not exist")
+            raise InputNotFoundError(f"input {spec} does not exist")
         if path.is_file():
             kind, gz = classify(path.name, cfg.input.extensions)
             sources.append(Source(str(path.resolve()), path.name, path.stat().st_size, kind, gz, index))
@@ -221,7 +223,9 @@ def _read_limited(fh: IO[bytes], limit: int) -> tuple[bytes | None, int]:
     return None, total
 
 
-def _iter_lines(fh: IO[bytes], start: int, end: int | None, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+def _iter_lines(
+    fh: IO[bytes], start: int, end: int | None, limit: int
+) -> Iterator[tuple[int, bytes | None, int]]:
     """(offset, line or None if longer than `limit`, bytes) for each line starting in [start, end)."""
     pos = start
     if start > 0:
@@ -310,5 +314,9 @@ def iter_raw_docs(part: Part, cfg: CurateConfig, opener: Opener) -> Iterator[Raw
                 elif line.strip():
                     yield RawDoc(doc_id, src, size, line)
     except READ_ERRORS as err:
-        rest = max((part.end if part.end is not None else src.size) - part.start - consumed, 0) if not src.gzipped else 0
+        rest = (
+            max((part.end if part.end is not None else src.size) - part.start - consumed, 0)
+            if not src.gzipped
+            else 0
+        )
         yield RawDoc(f"{src.doc_id}#error", src, rest, None, "read_error", f"{src.uri}: {err}")

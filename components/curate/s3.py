@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from components.curate.config import S3Config
+from lmforge.components.curate.config import S3Config
 from lmforge.errors import UserError
 
 
@@ -36,7 +36,9 @@ def split_uri(uri: str) -> tuple[str, str]:
 def resolve_settings(cfg: S3Config) -> S3Settings:
     endpoint = cfg.endpoint or os.environ.get("LMFORGE_S3_ENDPOINT")
     if not endpoint:
-        raise UserError("an s3:// input needs an endpoint: set s3.endpoint in the config or LMFORGE_S3_ENDPOINT")
+        raise UserError(
+            "an s3:// input needs an endpoint: set s3.endpoint in the config or LMFORGE_S3_ENDPOINT"
+        )
     secure = cfg.secure
     if "://" in endpoint:
         parsed = urlparse(endpoint)
@@ -58,8 +60,13 @@ def resolve_settings(cfg: S3Config) -> S3Settings:
 def make_client(settings: S3Settings):
     from minio import Minio
 
-    return Minio(settings.endpoint, access_key=settings.access_key, secret_key=settings.secret_key,
-                 secure=settings.secure, region=settings.region)
+    return Minio(
+        settings.endpoint,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+        secure=settings.secure,
+        region=settings.region,
+    )
 
 
 def list_objects(client, uri: str) -> list[tuple[str, str, int]]:

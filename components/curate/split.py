@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 
-from components.curate.config import SplitConfig
+from lmforge.components.curate.config import SplitConfig
 
 SPLITS = ("train", "validation", "test")
 
 
 def split_point(doc_id: str, salt: str) -> float:
-    digest = hashlib.blake2b(f"{salt}\x00{doc_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{salt}\x00{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 

@@ -40,13 +40,13 @@ import torch
 import torch.distributed as dist
 
 from lmforge.errors import UserError
-from model.checkpoint import load_model_dir, save_model_dir
-from model.config import ModelConfig
-from model.transformer import Transformer
+from lmforge.model.checkpoint import load_model_dir, save_model_dir
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from components.pretrain.env import RunEnv
-    from components.pretrain.strategies import Engine
+    from lmforge.components.pretrain.env import RunEnv
+    from lmforge.components.pretrain.strategies import Engine
 
 FORMAT = "lmforge-pretrain-checkpoint/1"
 STATE_FILE = "trainer_state.json"
@@ -82,7 +82,9 @@ def save(
     rng_dir.mkdir(exist_ok=True)
     torch.save(rng_state(), rng_dir / f"rank-{env.rank}.pt")
     if env.rank == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "scaler": engine.scaler_state()}, stage / TRAIN_STATE_FILE)
+        torch.save(
+            {"scheduler": scheduler.state_dict(), "scaler": engine.scaler_state()}, stage / TRAIN_STATE_FILE
+        )
     files = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
     manifest: list[list[str]] = [files]
     if env.distributed and env.world_size > 1:
@@ -182,12 +184,16 @@ def resolve_resume(spec: str | None, checkpoints_dir: Path) -> Path | None:
     if (path / STATE_FILE).is_file():
         missing = missing_files(path)
         if missing:
-            raise CheckpointError(f"--resume {spec}: checkpoint is incomplete, missing {', '.join(missing[:5])}")
+            raise CheckpointError(
+                f"--resume {spec}: checkpoint is incomplete, missing {', '.join(missing[:5])}"
+            )
         chosen = path
     else:
         chosen = find_latest(path)
         if chosen is None:
-            raise CheckpointError(f"--resume {spec}: {path} holds no complete checkpoint (step-NNNNNNNN/{STATE_FILE})")
+            raise CheckpointError(
+                f"--resume {spec}: {path} holds no complete checkpoint (step-NNNNNNNN/{STATE_FILE})"
+            )
     if existing is not None and existing.resolve() != chosen.resolve():
         raise CheckpointError(
             f"--resume {spec}: {checkpoints_dir} already holds checkpoints of another run (latest: {existing.name}); "
@@ -251,8 +257,12 @@ def _as_tuple(value):
 
 
 # ---- consolidation ----------------------------------------------------------------------------
-def consolidate(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                extra_metadata: dict[str, Any] | None = None) -> Path:
+def consolidate(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+) -> Path:
     """Write a checkpoint's fp32 weights as a plain (Hugging Face loadable) model directory.
 
     Runs in one process without a process group: ddp checkpoints already hold a model directory,
@@ -287,9 +297,16 @@ def consolidate(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_d
     tokenizer = tokenizer_dir if tokenizer_dir is not None else state.get("tokenizer_dir")
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
         tokenizer = None
-    meta = {"pretrain": {"checkpoint": str(path), "step": state["step"], "tokens_seen": state["tokens_seen"],
-                         "strategy": strategy, "mlflow_run_id": state.get("mlflow_run_id"),
-                         **(extra_metadata or {})}}
+    meta = {
+        "pretrain": {
+            "checkpoint": str(path),
+            "step": state["step"],
+            "tokens_seen": state["tokens_seen"],
+            "strategy": strategy,
+            "mlflow_run_id": state.get("mlflow_run_id"),
+            **(extra_metadata or {}),
+        }
+    }
     return save_model_dir(model, out_dir, tokenizer_dir=tokenizer, extra_metadata=meta)
 
 
@@ -306,4 +323,6 @@ def load_weights(model: Transformer, weights: dict[str, torch.Tensor], where: st
     result = model.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if not (model.config.tie_embeddings and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+        raise CheckpointError(
+            f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )

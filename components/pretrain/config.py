@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config import PRESETS, ConfigError, ModelConfig
+from lmforge.model.config import PRESETS, ConfigError, ModelConfig
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -50,7 +50,9 @@ class ModelSection:
         if self.init_from is not None:
             return
         if self.preset not in PRESETS:
-            raise ConfigError(f"model.preset={self.preset!r} is unknown; available: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(
+                f"model.preset={self.preset!r} is unknown; available: {', '.join(sorted(PRESETS))}"
+            )
         try:  # validate the overrides now (vocab_size may still be filled in from the data later)
             ModelConfig.from_name(self.preset, **self.overrides)
         except ConfigError as err:
@@ -62,7 +64,7 @@ class ModelSection:
         """The architecture to train. Unless `overrides` sets it, the vocabulary size is the token
         shards' (the tokenizer's), so the embedding always matches the data."""
         if self.init_from is not None:
-            from model.checkpoint import read_config
+            from lmforge.model.checkpoint import read_config
 
             cfg = read_config(self.init_from)
         else:
@@ -92,7 +94,9 @@ class DataSection:
 
     def __post_init__(self) -> None:
         if not self.shards_dir:
-            raise ConfigError("data.shards_dir is required (a token-shard directory written by `lmforge tokenize`)")
+            raise ConfigError(
+                "data.shards_dir is required (a token-shard directory written by `lmforge tokenize`)"
+            )
         for name in ("seq_len", "global_batch_size", "micro_batch_size"):
             _positive_int("data", name, getattr(self, name))
         if self.global_batch_size % self.micro_batch_size:
@@ -131,7 +135,9 @@ class OptimSection:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         unknown = sorted(set(self.no_decay) - set(NO_DECAY_KINDS))
         if unknown:
-            raise ConfigError(f"optim.no_decay: unknown kind(s) {unknown}; choose from {', '.join(NO_DECAY_KINDS)}")
+            raise ConfigError(
+                f"optim.no_decay: unknown kind(s) {unknown}; choose from {', '.join(NO_DECAY_KINDS)}"
+            )
         if self.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if not 0 < self.layer_lr_decay <= 1:
@@ -278,7 +284,9 @@ class PretrainConfig:
                     f"(model max_seq_len={max_seq}); lower data.seq_len or set model.overrides.max_seq_len"
                 )
         if self.strategy.name == "deepspeed" and self.strategy.compile:
-            raise ConfigError("strategy.compile is not supported with strategy.name=deepspeed (use ddp or fsdp)")
+            raise ConfigError(
+                "strategy.compile is not supported with strategy.name=deepspeed (use ddp or fsdp)"
+            )
 
     # ---- derived figures --------------------------------------------------------------------
     @property

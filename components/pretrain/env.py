@@ -30,16 +30,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from components.pretrain import checkpointing
+from lmforge.components.pretrain import checkpointing
 
 
 class RunEnv:
     """In-process environment: one process, world size 1, SIGTERM asks for a checkpoint and a stop."""
 
-    def __init__(self, checkpoints_dir: str | os.PathLike, keep_last: int, resume_from: str | os.PathLike | None,
-                 use_gpu: bool = False) -> None:
+    def __init__(
+        self,
+        checkpoints_dir: str | os.PathLike,
+        keep_last: int,
+        resume_from: str | os.PathLike | None,
+        use_gpu: bool = False,
+    ) -> None:
         self.rank, self.world_size, self.local_rank = 0, 1, 0
-        self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        )
         self.checkpoints_dir = Path(checkpoints_dir)
         self.keep_last = keep_last
         self.resume_from = Path(resume_from) if resume_from else None
@@ -60,8 +67,13 @@ class RunEnv:
         with socket.socket() as s:  # a free local port for the rendezvous
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                timeout=timedelta(minutes=10))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=1,
+            timeout=timedelta(minutes=10),
+        )
 
     # ---- stop requests ----------------------------------------------------------------------
     def stop_on_signals(self) -> contextlib.AbstractContextManager:
@@ -116,7 +128,11 @@ def graceful_stop(request: Callable[[], None]) -> Iterator[None]:
 
     def on_int(signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts
-        print("[pretrain] Ctrl-C: checkpointing and stopping (press Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print(
+            "[pretrain] Ctrl-C: checkpointing and stopping (press Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
         request()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -126,4 +142,3 @@ def graceful_stop(request: Callable[[], None]) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
-

@@ -22,20 +22,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from components.pretrain import checkpointing, strategies
-from components.pretrain.config import PretrainConfig
-from components.pretrain.env import RunEnv
-from components.pretrain.optim import build_scheduler
-from components.pretrain.tracking import ConsoleProgress, Tracker
-from components.token_dataset import PackedTokenDataset
-from model.checkpoint import load_model_dir
-from model.config import ModelConfig
-from model.transformer import Transformer
+from lmforge.components.pretrain import checkpointing, strategies
+from lmforge.components.pretrain.config import PretrainConfig
+from lmforge.components.pretrain.env import RunEnv
+from lmforge.components.pretrain.optim import build_scheduler
+from lmforge.components.pretrain.tracking import ConsoleProgress, Tracker
+from lmforge.components.token_dataset import PackedTokenDataset
+from lmforge.model.checkpoint import load_model_dir
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 
 # Peak dense bf16 FLOP/s per device (../shared/docs/anchors.md), matched against the CUDA device name.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
-OnStep = Callable[[int, int], None]  # (step just completed, rank): an observer, e.g. to inject faults in tests
+OnStep = Callable[
+    [int, int], None
+]  # (step just completed, rank): an observer, e.g. to inject faults in tests
 
 
 @dataclass
@@ -59,12 +61,25 @@ def train(
 ) -> LoopResult:
     """Train `model_cfg` on `cfg.data` until `cfg.schedule.max_steps` (or a stop request)."""
     # ---- data: this rank's share of the packed training stream, and of the validation split
-    train_data = PackedTokenDataset(cfg.data.shards_dir, "train", cfg.data.seq_len, seed=cfg.seed,
-                                    rank=env.rank, world_size=env.world_size, shuffle=cfg.data.shuffle)
+    train_data = PackedTokenDataset(
+        cfg.data.shards_dir,
+        "train",
+        cfg.data.seq_len,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        shuffle=cfg.data.shuffle,
+    )
     val_data = None
     if cfg.eval.every:
-        val_data = PackedTokenDataset(cfg.data.shards_dir, cfg.eval.split, cfg.data.seq_len,
-                                      rank=env.rank, world_size=env.world_size, shuffle=False)
+        val_data = PackedTokenDataset(
+            cfg.data.shards_dir,
+            cfg.eval.split,
+            cfg.data.seq_len,
+            rank=env.rank,
+            world_size=env.world_size,
+            shuffle=False,
+        )
 
     # ---- model: identical initial weights on every rank (same seed, built on CPU)
     torch.manual_seed(cfg.seed)
@@ -128,11 +143,15 @@ def train(
             seconds = max(time.perf_counter() - window_start - paused, 1e-9)
             mean_loss = _mean_over_ranks(loss_sum / window_steps, env)
             if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training loss is {mean_loss} at step {step}; lower optim.lr or use bf16/fp32")
+                raise FloatingPointError(
+                    f"training loss is {mean_loss} at step {step}; lower optim.lr or use bf16/fp32"
+                )
             tokens_per_s = window_steps * cfg.tokens_per_step / seconds
             record = {
                 "train/loss": mean_loss,
-                "train/lr": max(scheduler.get_last_lr()),  # the full-rate groups (layer-wise decay scales the rest down)
+                "train/lr": max(
+                    scheduler.get_last_lr()
+                ),  # the full-rate groups (layer-wise decay scales the rest down)
                 "train/grad_norm": float(grad_norm),
                 "train/loss_scale": engine.loss_scale(),
                 "train/tokens_per_s": tokens_per_s,
@@ -165,10 +184,22 @@ def train(
         if step % cfg.checkpoint.every == 0 or step == max_steps or stop:
             t = time.perf_counter()
             stage = env.staging_dir(step)
-            checkpointing.save(stage, env=env, engine=engine, scheduler=scheduler,
-                               data_state=train_data.state_dict(), step=step, tokens_seen=tokens_seen,
-                               info={**(info or {}), "model_config": model_cfg.to_dict(), "metrics": latest})
-            report = {"step": step, "tokens_seen": tokens_seen, "preempted": float(stop and step < max_steps), **latest}
+            checkpointing.save(
+                stage,
+                env=env,
+                engine=engine,
+                scheduler=scheduler,
+                data_state=train_data.state_dict(),
+                step=step,
+                tokens_seen=tokens_seen,
+                info={**(info or {}), "model_config": model_cfg.to_dict(), "metrics": latest},
+            )
+            report = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "preempted": float(stop and step < max_steps),
+                **latest,
+            }
             published = env.publish_checkpoint(stage, step, report)
             paused += time.perf_counter() - t
         if stop:
@@ -177,14 +208,21 @@ def train(
                 print(f"[pretrain] stop requested: checkpointed step {step} and stopping", flush=True)
             break
 
-    return LoopResult(step=step, tokens_seen=tokens_seen, preempted=preempted, metrics=latest,
-                      history=history, checkpoint=str(published) if published else None)
+    return LoopResult(
+        step=step,
+        tokens_seen=tokens_seen,
+        preempted=preempted,
+        metrics=latest,
+        history=history,
+        checkpoint=str(published) if published else None,
+    )
 
 
 # ---- helpers --------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(engine: strategies.Engine, data: PackedTokenDataset, max_batches: int, batch_size: int,
-             env: RunEnv) -> dict[str, float]:
+def evaluate(
+    engine: strategies.Engine, data: PackedTokenDataset, max_batches: int, batch_size: int, env: RunEnv
+) -> dict[str, float]:
     """Mean next-token loss over (up to) `max_batches` batches of every rank's validation share."""
     engine.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of token losses, tokens)

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from components.pretrain.config import OptimSection, ScheduleSection
+from lmforge.components.pretrain.config import OptimSection, ScheduleSection
 
 
 def parameter_kind(name: str, param: nn.Parameter) -> str:
@@ -55,7 +55,13 @@ def param_groups(model: nn.Module, n_layers: int, optim: OptimSection) -> list[d
         scale = optim.layer_lr_decay ** (n_layers + 1 - parameter_depth(name, n_layers))
         key = (decay, scale)
         if key not in groups:
-            groups[key] = {"params": [], "names": [], "weight_decay": decay, "lr": optim.lr * scale, "lr_scale": scale}
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": decay,
+                "lr": optim.lr * scale,
+                "lr_scale": scale,
+            }
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())
@@ -65,7 +71,10 @@ def build_optimizer(groups: list[dict], optim: OptimSection, fused: bool = False
     """AdamW over the groups (the `names` lists are for inspection and stay out of the optimizer)."""
     return torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay,
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
         fused=fused or None,
     )
 
@@ -84,5 +93,7 @@ def lr_multiplier(step: int, schedule: ScheduleSection) -> float:
     return 1 - (1 - low) * progress  # linear
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleSection) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: ScheduleSection
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, schedule=schedule))

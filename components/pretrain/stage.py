@@ -21,15 +21,15 @@ from typing import Any
 import torch
 import yaml
 
-from components.pretrain import checkpointing
-from components.pretrain.config import PretrainConfig, describe
-from components.pretrain.env import RunEnv
-from components.pretrain.loop import OnStep, train
-from components.pretrain.tracking import MlflowTracker, Tracker, flatten, plot_loss_curve
-from lmforge.tracking import default_tracking_uri
-from components.token_dataset import PackedTokenDataset, read_index
+from lmforge.components.pretrain import checkpointing
+from lmforge.components.pretrain.config import PretrainConfig, describe
+from lmforge.components.pretrain.env import RunEnv
+from lmforge.components.pretrain.loop import OnStep, train
+from lmforge.components.pretrain.tracking import MlflowTracker, Tracker, flatten, plot_loss_curve
+from lmforge.components.token_dataset import PackedTokenDataset, read_index
 from lmforge.config import to_dict
-from model.config import ConfigError, ModelConfig
+from lmforge.model.config import ConfigError, ModelConfig
+from lmforge.tracking import default_tracking_uri
 
 
 @dataclass
@@ -44,7 +44,9 @@ class PretrainResult:
     loss_curve: Path | None
 
 
-def pretrain(cfg: PretrainConfig, *, resume: str | None = None, on_step: OnStep | None = None) -> PretrainResult:
+def pretrain(
+    cfg: PretrainConfig, *, resume: str | None = None, on_step: OnStep | None = None
+) -> PretrainResult:
     """Train a model as configured. `resume`: None (fresh; refuses an output_dir that holds
     checkpoints), "auto" (continue from the newest checkpoint there, if any) or a checkpoint path.
     `on_step(step, rank)` is called on every worker after each optimizer step (tests use it to
@@ -64,18 +66,37 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None, on_step: OnStep 
     if cfg.tracking.enabled:
         uri = cfg.tracking.tracking_uri or default_tracking_uri()
         same_store = previous.get("mlflow_tracking_uri") == uri
-        tracker = MlflowTracker.start(uri, cfg.tracking.experiment, cfg.resolved_run_name,
-                                      run_id=previous.get("mlflow_run_id") if same_store else None)
-    info = {"config": config_dict, "model_config": model_cfg.to_dict(), "tokenizer_dir": tokenizer_dir,
-            "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri}
+        tracker = MlflowTracker.start(
+            uri,
+            cfg.tracking.experiment,
+            cfg.resolved_run_name,
+            run_id=previous.get("mlflow_run_id") if same_store else None,
+        )
+    info = {
+        "config": config_dict,
+        "model_config": model_cfg.to_dict(),
+        "tokenizer_dir": tokenizer_dir,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.tracking_uri,
+    }
     status = "FAILED"
     try:
-        tracker.log_params({**flatten(config_dict), "model.num_params": model_cfg.num_params(),
-                            "derived.world_size": cfg.world_size, "derived.grad_accum_steps": cfg.grad_accum_steps,
-                            "derived.tokens_per_step": cfg.tokens_per_step, **flatten(model_cfg.to_dict(), "model_config.")})
+        tracker.log_params(
+            {
+                **flatten(config_dict),
+                "model.num_params": model_cfg.num_params(),
+                "derived.world_size": cfg.world_size,
+                "derived.grad_accum_steps": cfg.grad_accum_steps,
+                "derived.tokens_per_step": cfg.tokens_per_step,
+                **flatten(model_cfg.to_dict(), "model_config."),
+            }
+        )
         tracker.log_artifact(config_file)
-        print(f"[pretrain] {describe(cfg)}; model {model_cfg.num_params() / 1e6:.2f}M params"
-              + (f"; resuming from {start}" if start else ""), flush=True)
+        print(
+            f"[pretrain] {describe(cfg)}; model {model_cfg.num_params() / 1e6:.2f}M params"
+            + (f"; resuming from {start}" if start else ""),
+            flush=True,
+        )
 
         history: list[dict[str, float]] = []
         if cfg.local:
@@ -85,31 +106,54 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None, on_step: OnStep 
             checkpoint = Path(result.checkpoint) if result.checkpoint else None
             metrics, preempted, step, history = result.metrics, result.preempted, result.step, result.history
         else:
-            from components.pretrain.trainer import run_on_ray
+            from lmforge.components.pretrain.trainer import run_on_ray
 
-            checkpoint, reported = run_on_ray(cfg, model_cfg, resume_from=start, info=info, on_step=on_step,
-                                              tracking={"uri": tracker.tracking_uri, "run_id": tracker.run_id})
+            checkpoint, reported = run_on_ray(
+                cfg,
+                model_cfg,
+                resume_from=start,
+                info=info,
+                on_step=on_step,
+                tracking={"uri": tracker.tracking_uri, "run_id": tracker.run_id},
+            )
             metrics = {k: float(v) for k, v in reported.items() if "/" in k}
             preempted, step = bool(reported.get("preempted")), int(reported.get("step", 0))
 
         model_dir = None
         if not preempted and checkpoint is not None:
-            model_dir = checkpointing.consolidate(checkpoint, cfg.model_dir(), tokenizer_dir,
-                                                  extra_metadata={"config": config_dict, "metrics": metrics})
+            model_dir = checkpointing.consolidate(
+                checkpoint,
+                cfg.model_dir(),
+                tokenizer_dir,
+                extra_metadata={"config": config_dict, "metrics": metrics},
+            )
             print(f"[pretrain] model written to {model_dir}", flush=True)
         elif preempted:
-            print(f"[pretrain] stopped at step {step}; continue with --resume auto (checkpoint {checkpoint})", flush=True)
+            print(
+                f"[pretrain] stopped at step {step}; continue with --resume auto (checkpoint {checkpoint})",
+                flush=True,
+            )
 
         train_curve = tracker.metric_history("train/loss") or _series(history, "train/loss")
         val_curve = tracker.metric_history("val/loss") or _series(history, "val/loss")
-        curve = plot_loss_curve(train_curve, val_curve, out / "loss_curve.png", f"pretrain {cfg.resolved_run_name}")
+        curve = plot_loss_curve(
+            train_curve, val_curve, out / "loss_curve.png", f"pretrain {cfg.resolved_run_name}"
+        )
         if curve is not None:
             tracker.log_artifact(curve)
         if model_dir is not None and cfg.tracking.log_model:
             tracker.log_artifacts(model_dir, "model")
         status = "KILLED" if preempted else "FINISHED"
-        return PretrainResult(output_dir=out, model_dir=model_dir, checkpoint_dir=checkpoint, metrics=metrics,
-                              step=step, preempted=preempted, mlflow_run_id=tracker.run_id, loss_curve=curve)
+        return PretrainResult(
+            output_dir=out,
+            model_dir=model_dir,
+            checkpoint_dir=checkpoint,
+            metrics=metrics,
+            step=step,
+            preempted=preempted,
+            mlflow_run_id=tracker.run_id,
+            loss_curve=curve,
+        )
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -124,14 +168,16 @@ def _series(history: list[dict[str, float]], key: str) -> list[tuple[int, float]
 # ---- preflight ------------------------------------------------------------------------------
 def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     """Every path absolute: Ray workers run in other directories (and on other machines)."""
+
     def absolute(p: str | None) -> str | None:
         return str(Path(p).expanduser().resolve()) if p else p
 
     return dataclasses.replace(
         cfg,
         output_dir=absolute(cfg.output_dir),
-        data=dataclasses.replace(cfg.data, shards_dir=absolute(cfg.data.shards_dir),
-                                 tokenizer_dir=absolute(cfg.data.tokenizer_dir)),
+        data=dataclasses.replace(
+            cfg.data, shards_dir=absolute(cfg.data.shards_dir), tokenizer_dir=absolute(cfg.data.tokenizer_dir)
+        ),
         model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from)),
     )
 
@@ -148,8 +194,10 @@ def preflight(cfg: PretrainConfig) -> tuple[ModelConfig, str | None]:
     if "train" not in index["splits"]:
         raise ConfigError(f"data.shards_dir: {shards} has no 'train' split (found: {', '.join(splits)})")
     if cfg.eval.every and cfg.eval.split not in index["splits"]:
-        raise ConfigError(f"eval.split={cfg.eval.split!r}: {shards} has no such split (found: {', '.join(splits)}); "
-                          "set eval.every=0 to train without validation")
+        raise ConfigError(
+            f"eval.split={cfg.eval.split!r}: {shards} has no such split (found: {', '.join(splits)}); "
+            "set eval.every=0 to train without validation"
+        )
     try:
         model_cfg = cfg.model.build(int(index["vocab_size"]), int(index["eos_id"]))
     except (OSError, ValueError) as err:
@@ -157,7 +205,9 @@ def preflight(cfg: PretrainConfig) -> tuple[ModelConfig, str | None]:
             raise
         raise ConfigError(f"model.init_from: {err}") from None
     if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context (max_seq_len={model_cfg.max_seq_len})")
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's context (max_seq_len={model_cfg.max_seq_len})"
+        )
     for split in ["train"] + ([cfg.eval.split] if cfg.eval.every else []):
         try:  # enough tokens for one sequence per worker (opens memmaps only)
             PackedTokenDataset(shards, split, cfg.data.seq_len, world_size=cfg.world_size)
@@ -170,7 +220,9 @@ def preflight(cfg: PretrainConfig) -> tuple[ModelConfig, str | None]:
     elif index.get("tokenizer_dir") and (Path(index["tokenizer_dir"]) / "tokenizer.json").is_file():
         tokenizer_dir = str(Path(index["tokenizer_dir"]).resolve())
     if cfg.strategy.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("strategy.name=deepspeed needs the deepspeed package: pip install 'lmforge[deepspeed]'")
+        raise ConfigError(
+            "strategy.name=deepspeed needs the deepspeed package: pip install 'lmforge[deepspeed]'"
+        )
     if cfg.local and cfg.ray.use_gpu and not torch.cuda.is_available():
         raise ConfigError("ray.use_gpu=true but this process sees no CUDA device")
     return model_cfg, tokenizer_dir
@@ -178,6 +230,12 @@ def preflight(cfg: PretrainConfig) -> tuple[ModelConfig, str | None]:
 
 def result_summary(result: PretrainResult) -> dict[str, Any]:
     """JSON-friendly summary (the CLI prints it; the KFP component stores it as metadata)."""
-    return {"output_dir": str(result.output_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
-            "checkpoint_dir": str(result.checkpoint_dir) if result.checkpoint_dir else None, "step": result.step,
-            "preempted": result.preempted, "mlflow_run_id": result.mlflow_run_id, **result.metrics}
+    return {
+        "output_dir": str(result.output_dir),
+        "model_dir": str(result.model_dir) if result.model_dir else None,
+        "checkpoint_dir": str(result.checkpoint_dir) if result.checkpoint_dir else None,
+        "step": result.step,
+        "preempted": result.preempted,
+        "mlflow_run_id": result.mlflow_run_id,
+        **result.metrics,
+    }

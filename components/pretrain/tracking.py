@@ -70,7 +70,9 @@ class MlflowTracker(Tracker):
         self.client = MlflowClient(tracking_uri)
 
     @classmethod
-    def start(cls, tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None) -> MlflowTracker:
+    def start(
+        cls, tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None
+    ) -> MlflowTracker:
         """Create a run (or reopen `run_id`, when resuming) in `experiment`."""
         from mlflow.tracking import MlflowClient
 
@@ -107,7 +109,11 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
@@ -120,7 +126,9 @@ class MlflowTracker(Tracker):
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         rows = self.client.get_metric_history(self.run_id, key)
         latest: dict[int, float] = {}
-        for m in sorted(rows, key=lambda m: m.timestamp):  # a step re-run after a restart: keep the last value
+        for m in sorted(
+            rows, key=lambda m: m.timestamp
+        ):  # a step re-run after a restart: keep the last value
             latest[m.step] = m.value
         return sorted(latest.items())
 
@@ -135,7 +143,9 @@ def open_tracker(enabled: bool, tracking_uri: str | None, run_id: str | None) ->
     return MlflowTracker(tracking_uri, run_id)
 
 
-def plot_loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], path: str | os.PathLike, title: str) -> Path | None:
+def plot_loss_curve(
+    train: list[tuple[int, float]], val: list[tuple[int, float]], path: str | os.PathLike, title: str
+) -> Path | None:
     """Training (and validation) loss against optimizer step, as a PNG."""
     if not train and not val:
         return None
@@ -148,7 +158,14 @@ def plot_loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]]
     if train:
         ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1.2)
     if val:
-        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation loss", linewidth=1.2, markersize=3)
+        ax.plot(
+            [s for s, _ in val],
+            [v for _, v in val],
+            "o-",
+            label="validation loss",
+            linewidth=1.2,
+            markersize=3,
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)

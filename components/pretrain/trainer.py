@@ -35,12 +35,12 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from components.pretrain import checkpointing
-from components.pretrain.config import PretrainConfig
-from components.pretrain.env import RunEnv, graceful_stop
-from components.pretrain.loop import OnStep, train
-from components.pretrain.tracking import open_tracker
-from model.config import ModelConfig
+from lmforge.components.pretrain import checkpointing
+from lmforge.components.pretrain.config import PretrainConfig
+from lmforge.components.pretrain.env import RunEnv, graceful_stop
+from lmforge.components.pretrain.loop import OnStep, train
+from lmforge.components.pretrain.tracking import open_tracker
+from lmforge.model.config import ModelConfig
 
 RAY_RUN_NAME = "checkpoints"  # Ray's run directory = <output_dir>/checkpoints
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -68,7 +68,11 @@ class RayEnv(RunEnv):
     def __init__(self, cfg: PretrainConfig, resume_from: str | None, stop_flag: Any) -> None:
         super().__init__(cfg.checkpoints_dir(), cfg.checkpoint.keep_last, resume_from)
         ctx = ray.train.get_context()
-        self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        self.rank, self.world_size, self.local_rank = (
+            ctx.get_world_rank(),
+            ctx.get_world_size(),
+            ctx.get_local_rank(),
+        )
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -94,13 +98,18 @@ class RayEnv(RunEnv):
         return bool(t.item() > 0)
 
     def staging_dir(self, step: int) -> Path:
-        return Path(tempfile.mkdtemp(prefix=f"lmforge-{checkpointing.checkpoint_name(step)}-rank{self.rank}-"))
+        return Path(
+            tempfile.mkdtemp(prefix=f"lmforge-{checkpointing.checkpoint_name(step)}-rank{self.rank}-")
+        )
 
     def publish_checkpoint(self, staged: Path, step: int, metrics: dict[str, Any]) -> None:
         """Every rank reports its staged part; Ray merges them into <run dir>/step-N."""
         try:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(staged)),
-                             checkpoint_dir_name=checkpointing.checkpoint_name(step))
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(str(staged)),
+                checkpoint_dir_name=checkpointing.checkpoint_name(step),
+            )
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return None
@@ -144,8 +153,12 @@ def _ensure_ray(cfg: PretrainConfig) -> bool:
         return False
     repo = str(Path(__file__).resolve().parents[2])  # so workers import model/ and components/
     pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(
+        address=cfg.ray.address,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+    )
     return True
 
 
@@ -170,12 +183,20 @@ def run_on_ray(
         trainer = TorchTrainer(
             _worker,
             train_loop_config={
-                "cfg": cfg, "model_cfg": model_cfg, "resume_from": str(resume_from) if resume_from else None,
-                "info": info, "tracking": tracking, "stop_flag": stop_flag, "on_step": on_step,
+                "cfg": cfg,
+                "model_cfg": model_cfg,
+                "resume_from": str(resume_from) if resume_from else None,
+                "info": info,
+                "tracking": tracking,
+                "stop_flag": stop_flag,
+                "on_step": on_step,
                 "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
             },
-            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                         resources_per_worker=cfg.ray.resources_per_worker or None),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.ray.num_workers,
+                use_gpu=cfg.ray.use_gpu,
+                resources_per_worker=cfg.ray.resources_per_worker or None,
+            ),
             torch_config=TorchConfig(backend=cfg.strategy.backend or ("nccl" if cfg.ray.use_gpu else "gloo")),
             run_config=RunConfig(
                 storage_path=str(Path(cfg.output_dir).resolve()),

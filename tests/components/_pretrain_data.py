@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from components.pretrain.config import PretrainConfig
-from components.tokenize_shards import tokenize_dataset
-from components.tokenizer import train_tokenizer
+from lmforge.components.pretrain.config import PretrainConfig
+from lmforge.components.tokenize_shards import tokenize_dataset
+from lmforge.components.tokenizer import train_tokenizer
 from lmforge.config import apply_overrides, build
 
 REPO = Path(__file__).resolve().parents[2]

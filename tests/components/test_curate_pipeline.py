@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from components.curate import CurateConfig, curate
-from components.curate.split import assign_split
+from lmforge.components.curate import CurateConfig, curate
+from lmforge.components.curate.split import assign_split
 from lmforge.errors import UserError
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "curate" / "docs"
@@ -42,8 +42,15 @@ EXPECTED_REJECTED = {
     _ticket_id(2): "invalid_json",
     _ticket_id(3): "missing_text",
 }
-EXPECTED_KEPT = {"docs/guide.md", "docs/interactive.html", "docs/notes.txt.gz", "kb-002",
-                 "docs/unicode-cp1252.txt", "kb-001", _ticket_id(5)}
+EXPECTED_KEPT = {
+    "docs/guide.md",
+    "docs/interactive.html",
+    "docs/notes.txt.gz",
+    "kb-002",
+    "docs/unicode-cp1252.txt",
+    "kb-001",
+    _ticket_id(5),
+}
 EXPECTED_PII = {"private_key": 1, "secret": 2, "email": 4, "ip_address": 2, "phone": 1}
 
 
@@ -91,9 +98,13 @@ def test_every_document_is_kept_or_rejected_under_exactly_one_reason(run) -> Non
     assert counts == dict(Counter(EXPECTED_REJECTED.values()))
     assert card["duplicates"] == {"exact": 2, "near": 1}
     assert card["bytes"]["in"] == expected_bytes_in()
-    assert card["bytes"]["in"] == card["bytes"]["kept_raw"] + sum(v["bytes"] for v in card["rejections"].values())
+    assert card["bytes"]["in"] == card["bytes"]["kept_raw"] + sum(
+        v["bytes"] for v in card["rejections"].values()
+    )
     assert card["bytes"]["out"] == sum(len(d["text"].encode()) for d in kept.values())
-    assert card["inputs"] == [{"uri": str(FIXTURE), "files": 17, "documents": 22, "kept": 7}]  # .hidden.txt is ignored
+    assert card["inputs"] == [
+        {"uri": str(FIXTURE), "files": 17, "documents": 22, "kept": 7}
+    ]  # .hidden.txt is ignored
     assert card["sources"]["files"] == 17
 
 
@@ -103,8 +114,16 @@ def test_pii_is_replaced_by_typed_placeholders(run) -> None:
     guide = docs["docs/guide.md"]["text"]
     for placeholder in ("[EMAIL]", "[PHONE]", "[IP_ADDRESS]", "[SECRET]", "[PRIVATE_KEY]"):
         assert placeholder in guide
-    for secret in ("support@example.com", "555-0100", "10.20.30.40", "2001:db8::8a2e:370:7334", "AKIAIOSFODNN7EXAMPLE",
-                   "s3cr3tV4lue9876543210", "BEGIN OPENSSH", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ"):
+    for secret in (
+        "support@example.com",
+        "555-0100",
+        "10.20.30.40",
+        "2001:db8::8a2e:370:7334",
+        "AKIAIOSFODNN7EXAMPLE",
+        "s3cr3tV4lue9876543210",
+        "BEGIN OPENSSH",
+        "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ",
+    ):
         assert not any(secret in d["text"] for d in docs.values()), secret
     assert "127.0.0.1" in guide  # loopback identifies nobody: kept
     assert 'api_key = "[SECRET]"' in guide  # the name stays, only the value goes
@@ -129,13 +148,16 @@ def test_splits_follow_the_id_hash_and_are_stable_across_runs(run, tmp_path: Pat
     assert all(d["split"] == assign_split(i, cfg.split) for i, d in docs.items())
     again = curate([FIXTURE], tmp_path / "again", cfg, progress=False)
     assert again.datacard["content_sha256"] == run.datacard["content_sha256"]
-    assert {i: d["split"] for i, d in read_output(tmp_path / "again").items()} == {i: d["split"] for i, d in docs.items()}
+    assert {i: d["split"] for i, d in read_output(tmp_path / "again").items()} == {
+        i: d["split"] for i, d in docs.items()
+    }
     # Growing the corpus never moves an existing document to another split.
     grown = tmp_path / "docs"
     shutil.copytree(FIXTURE, grown)
     (grown / "zz_extra.md").write_text(
         "Release notes for the internal platform: the deployment tool now checks the health of every service "
-        "before it switches traffic, and the operators get an alert with the failing check and its logs.\n")
+        "before it switches traffic, and the operators get an alert with the failing check and its logs.\n"
+    )
     curate([grown], tmp_path / "grown", cfg, progress=False)
     grown_docs = read_output(tmp_path / "grown")
     assert "docs/zz_extra.md" in grown_docs
@@ -168,7 +190,11 @@ def test_datacard_files_and_config(run) -> None:
     files = [f for s in ("train", "validation", "test") for f in card["splits"][s]["files"]]
     assert sum(f["documents"] for f in files) == 7
     md = run.datacard_md_path.read_text()
-    assert "| input | 22 |" in md and "| near_duplicate | dedup | 1 |" in md and "| email | `[EMAIL]` | 4 |" in md
+    assert (
+        "| input | 22 |" in md
+        and "| near_duplicate | dedup | 1 |" in md
+        and "| email | `[EMAIL]` | 4 |" in md
+    )
     assert card["content_sha256"] in md
 
 
@@ -177,7 +203,11 @@ def test_credentials_are_masked_in_the_datacard(tmp_path: Path) -> None:
     cfg.s3.access_key, cfg.s3.secret_key = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG"
     res = curate([FIXTURE / "guide.md"], tmp_path / "o", cfg, progress=False)
     text = res.datacard_path.read_text() + res.datacard_md_path.read_text()
-    assert "wJalrXUtnFEMI" not in text and "AKIDEXAMPLE" not in text and res.datacard["config"]["s3"]["secret_key"] == "***"
+    assert (
+        "wJalrXUtnFEMI" not in text
+        and "AKIDEXAMPLE" not in text
+        and res.datacard["config"]["s3"]["secret_key"] == "***"
+    )
 
 
 def test_missing_input_is_an_error_before_any_work(tmp_path: Path) -> None:
@@ -195,7 +225,9 @@ def test_existing_dataset_needs_overwrite(run, tmp_path: Path) -> None:
     (out / "notes-by-user.txt").write_text("keep me")
     with pytest.raises(UserError, match="--overwrite"):
         curate([FIXTURE / "guide.md"], out, progress=False)
-    res = curate([FIXTURE / "tutorial.rst"], out, CurateConfig(num_workers=1), overwrite=True, progress=False)  # kept alone
+    res = curate(
+        [FIXTURE / "tutorial.rst"], out, CurateConfig(num_workers=1), overwrite=True, progress=False
+    )  # kept alone
     assert set(read_output(out)) == {"tutorial.rst"} and res.datacard["documents"]["in"] == 1
     assert (out / "notes-by-user.txt").read_text() == "keep me"  # only our own files are replaced
 
@@ -203,10 +235,24 @@ def test_existing_dataset_needs_overwrite(run, tmp_path: Path) -> None:
 def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import lmforge.cli as cli
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.commands.curate"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.cli.curate"])
     out = tmp_path / "o"
-    rc = cli.main(["curate", "--input", str(FIXTURE), "--output", str(out), "--config", "configs/curate.yaml",
-                   "--set", "num_workers=1", "--set", "filters.min_words=2", "--no-progress"])
+    rc = cli.main(
+        [
+            "curate",
+            "--input",
+            str(FIXTURE),
+            "--output",
+            str(out),
+            "--config",
+            "configs/curate.yaml",
+            "--set",
+            "num_workers=1",
+            "--set",
+            "filters.min_words=2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     card = json.loads((out / "datacard.json").read_text())
     assert card["config"]["filters"]["min_words"] == 2
@@ -215,5 +261,18 @@ def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     assert "curated 22 documents" in capsys.readouterr().out
     assert cli.main(["curate", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o2")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["curate", "--input", str(FIXTURE), "--output", str(tmp_path / "o3"), "--set", "dedup.jaccard_threshold=2"]) == 2
+    assert (
+        cli.main(
+            [
+                "curate",
+                "--input",
+                str(FIXTURE),
+                "--output",
+                str(tmp_path / "o3"),
+                "--set",
+                "dedup.jaccard_threshold=2",
+            ]
+        )
+        == 2
+    )
     assert "jaccard_threshold" in capsys.readouterr().err

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from components.curate import CurateConfig, curate
-from components.curate.readers import Opener, iter_raw_docs, list_sources, plan_tasks
+from lmforge.components.curate import CurateConfig, curate
+from lmforge.components.curate.readers import Opener, iter_raw_docs, list_sources, plan_tasks
 
-VOCAB = ("the of and to with that have be service operator cluster node restart upgrade log probe timeout "
-         "health check disk memory network request queue worker retry backoff config secret volume pod "
-         "deployment rollout version release image registry build test metric alert dashboard").split()
+VOCAB = (
+    "the of and to with that have be service operator cluster node restart upgrade log probe timeout "
+    "health check disk memory network request queue worker retry backoff config secret volume pod "
+    "deployment rollout version release image registry build test metric alert dashboard"
+).split()
 
 
 def prose(seed: int, words: int = 120) -> str:
@@ -25,7 +27,9 @@ def prose(seed: int, words: int = 120) -> str:
 
 
 LIMIT = 64 * 1024
-BIG = 1024 * 1024  # a single 1 MiB line stands in for the 200 MB one: anything over the limit takes the same path
+BIG = (
+    1024 * 1024
+)  # a single 1 MiB line stands in for the 200 MB one: anything over the limit takes the same path
 
 
 def small_limit(**kw) -> CurateConfig:
@@ -35,7 +39,9 @@ def small_limit(**kw) -> CurateConfig:
 
 
 def reasons(out: Path) -> dict[str, str]:
-    return {r["id"]: r["reason"] for r in map(json.loads, (out / "rejections.ndjson").read_text().splitlines())}
+    return {
+        r["id"]: r["reason"] for r in map(json.loads, (out / "rejections.ndjson").read_text().splitlines())
+    }
 
 
 def kept_ids(out: Path) -> set[str]:
@@ -47,23 +53,31 @@ def test_single_huge_line_is_counted_not_loaded(tmp_path: Path) -> None:
     src.mkdir()
     (src / "huge.txt").write_text("x" * BIG)  # one line, no newline at all
     (src / "huge.txt.gz").write_bytes(gzip.compress(b"y" * BIG))  # size unknown until decompressed
-    lines = [json.dumps({"id": "before", "text": prose(1)}), json.dumps({"id": "huge", "text": "z" * BIG}), json.dumps({"id": "after", "text": prose(2)})]
+    lines = [
+        json.dumps({"id": "before", "text": prose(1)}),
+        json.dumps({"id": "huge", "text": "z" * BIG}),
+        json.dumps({"id": "after", "text": prose(2)}),
+    ]
     (src / "records.jsonl").write_text("\n".join(lines) + "\n")
     first2 = lines[0].replace('"before"', '"before2"').replace("the", "a")
     with gzip.open(src / "records2.jsonl.gz", "wt") as fh:
-        fh.write("\n".join([first2, lines[1],
-                             json.dumps({"id": "after2", "text": prose(3)})]) + "\n")
+        fh.write("\n".join([first2, lines[1], json.dumps({"id": "after2", "text": prose(3)})]) + "\n")
     (src / "ok.md").write_text(prose(4))
 
     res = curate([src], tmp_path / "out", small_limit(), progress=False)
     r = reasons(tmp_path / "out")
-    assert r == {"in/huge.txt": "oversized", "in/huge.txt.gz": "oversized",
-                 "in/records.jsonl#" + str(len(lines[0]) + 1): "oversized",
-                 "in/records2.jsonl.gz#" + str(len(first2) + 1): "oversized"}
+    assert r == {
+        "in/huge.txt": "oversized",
+        "in/huge.txt.gz": "oversized",
+        "in/records.jsonl#" + str(len(lines[0]) + 1): "oversized",
+        "in/records2.jsonl.gz#" + str(len(first2) + 1): "oversized",
+    }
     assert kept_ids(tmp_path / "out") == {"before", "after", "before2", "after2", "in/ok.md"}
     card = res.datacard
     assert card["rejections"]["oversized"]["documents"] == 4
-    assert card["rejections"]["oversized"]["bytes"] == 2 * BIG + 2 * (len(lines[1]) + 1)  # every byte is accounted for
+    assert card["rejections"]["oversized"]["bytes"] == 2 * BIG + 2 * (
+        len(lines[1]) + 1
+    )  # every byte is accounted for
     assert card["documents"]["in"] == 9
 
 
@@ -79,7 +93,11 @@ def test_jsonl_split_into_byte_ranges_reads_every_line_once(tmp_path: Path) -> N
     tasks = plan_tasks(sources, task_bytes=4096)  # ~40 ranges; most lines straddle a range edge
     assert len(tasks) > 30
     seen = [raw.doc_id for t in tasks for part in t for raw in iter_raw_docs(part, cfg, Opener(None))]
-    whole = [raw.doc_id for part in plan_tasks(sources, task_bytes=10**9)[0] for raw in iter_raw_docs(part, cfg, Opener(None))]
+    whole = [
+        raw.doc_id
+        for part in plan_tasks(sources, task_bytes=10**9)[0]
+        for raw in iter_raw_docs(part, cfg, Opener(None))
+    ]
     assert seen == whole and len(whole) == 300
     a = curate([src], tmp_path / "a", CurateConfig(num_workers=1, task_bytes=4096), progress=False)
     b = curate([src], tmp_path / "b", CurateConfig(num_workers=1), progress=False)
@@ -89,11 +107,19 @@ def test_jsonl_split_into_byte_ranges_reads_every_line_once(tmp_path: Path) -> N
 
 def test_a_long_line_across_many_ranges(tmp_path: Path) -> None:
     src = tmp_path / "long.jsonl"
-    src.write_text(json.dumps({"id": "a", "text": prose(1)}) + "\n" + json.dumps({"id": "long", "text": "w " * 200_000}) + "\n"
-                   + json.dumps({"id": "b", "text": prose(2)}) + "\n")
+    src.write_text(
+        json.dumps({"id": "a", "text": prose(1)})
+        + "\n"
+        + json.dumps({"id": "long", "text": "w " * 200_000})
+        + "\n"
+        + json.dumps({"id": "b", "text": prose(2)})
+        + "\n"
+    )
     res = curate([src], tmp_path / "out", small_limit(task_bytes=8192), progress=False)
     assert res.datacard["sources"]["work_units"] > 40
-    assert kept_ids(tmp_path / "out") == {"a", "b"} and set(reasons(tmp_path / "out").values()) == {"oversized"}
+    assert kept_ids(tmp_path / "out") == {"a", "b"} and set(reasons(tmp_path / "out").values()) == {
+        "oversized"
+    }
 
 
 def test_broken_gzip_and_unreadable_files_are_counted(tmp_path: Path) -> None:
@@ -109,9 +135,14 @@ def test_broken_gzip_and_unreadable_files_are_counted(tmp_path: Path) -> None:
     assert r["in/truncated.txt.gz"] == "read_error" and r["in/notgzip.md.gz"] == "read_error"
     assert r["in/part.jsonl.gz#error"] == "read_error"
     kept = kept_ids(tmp_path / "out")
-    assert "in/fine.rst" in kept and len({k for k in kept if k.startswith("g")}) >= 20  # records before the damage survive
+    assert (
+        "in/fine.rst" in kept and len({k for k in kept if k.startswith("g")}) >= 20
+    )  # records before the damage survive
     assert len(res.datacard["errors"]) == 3 and all(str(src) in e for e in res.datacard["errors"])
-    assert res.datacard["documents"]["in"] == res.datacard["documents"]["kept"] + res.datacard["documents"]["rejected"]
+    assert (
+        res.datacard["documents"]["in"]
+        == res.datacard["documents"]["kept"] + res.datacard["documents"]["rejected"]
+    )
 
 
 def test_listing_rules(tmp_path: Path) -> None:
@@ -125,7 +156,11 @@ def test_listing_rules(tmp_path: Path) -> None:
     cfg = CurateConfig()
     sources, _ = list_sources([root, root / "a.txt"], cfg)
     assert [(s.doc_id, s.kind, s.input_index) for s in sources] == [
-        ("corpus/a.txt", "text", 0), ("corpus/data.csv", "unsupported", 0), ("corpus/sub/b.MD", "text", 0), ("a.txt", "text", 1)]
+        ("corpus/a.txt", "text", 0),
+        ("corpus/data.csv", "unsupported", 0),
+        ("corpus/sub/b.MD", "text", 0),
+        ("a.txt", "text", 1),
+    ]
     cfg.input.extensions = [".md"]
     sources, _ = list_sources([root], cfg)
     assert [s.kind for s in sources] == ["unsupported", "unsupported", "text"]

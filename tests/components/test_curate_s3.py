@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from components.curate import CurateConfig, curate
+from lmforge.components.curate import CurateConfig, curate
 from lmforge.errors import UserError
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,9 @@ def s3_endpoint():
     if not moto.exists():
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
     port = _free_port()
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 30
         while True:
@@ -46,12 +48,16 @@ def s3_endpoint():
                 time.sleep(0.1)
         from minio import Minio
 
-        client = Minio(f"127.0.0.1:{port}", access_key="testing", secret_key="testing", secure=False, region="us-east-1")
+        client = Minio(
+            f"127.0.0.1:{port}", access_key="testing", secret_key="testing", secure=False, region="us-east-1"
+        )
         client.make_bucket(BUCKET)
         for f in sorted(FIXTURE.rglob("*")):
             if f.is_file():
                 data = f.read_bytes()
-                client.put_object(BUCKET, f"corpus/{f.relative_to(FIXTURE.parent).as_posix()}", io.BytesIO(data), len(data))
+                client.put_object(
+                    BUCKET, f"corpus/{f.relative_to(FIXTURE.parent).as_posix()}", io.BytesIO(data), len(data)
+                )
         client.make_bucket("empty-bucket")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -80,11 +86,17 @@ def test_s3_prefix_gives_the_same_dataset_as_the_local_folder(s3_env: str, tmp_p
     assert again.datacard["content_sha256"] == local.datacard["content_sha256"]
 
 
-def test_single_object_bucket_root_and_config_credentials(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_single_object_bucket_root_and_config_credentials(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for var in ("LMFORGE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var, raising=False)
     cfg = CurateConfig(num_workers=1)
-    cfg.s3.endpoint, cfg.s3.access_key, cfg.s3.secret_key = s3_endpoint, "testing", "testing"  # from the config instead
+    cfg.s3.endpoint, cfg.s3.access_key, cfg.s3.secret_key = (
+        s3_endpoint,
+        "testing",
+        "testing",
+    )  # from the config instead
     one = curate([f"s3://{BUCKET}/corpus/docs/guide.md"], tmp_path / "one", cfg, progress=False)
     assert one.datacard["documents"] == {"in": 1, "kept": 1, "rejected": 0}
     assert one.datacard["pii_replacements"]["private_key"] == 1

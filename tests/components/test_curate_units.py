@@ -9,19 +9,28 @@ from pathlib import Path
 
 import pytest
 
-from components.curate.config import CurateConfig, DedupConfig, FilterConfig, NormalizeConfig, PiiConfig, SplitConfig
-from components.curate.dedup import Deduplicator, Signer, exact_key
-from components.curate.filters import quality_reason
-from components.curate.markup import html_to_text
-from components.curate.normalize import decode, is_binary, normalize_text
-from components.curate.pii import redact
-from components.curate.split import assign_split
+from lmforge.components.curate.config import (
+    CurateConfig,
+    DedupConfig,
+    FilterConfig,
+    NormalizeConfig,
+    PiiConfig,
+    SplitConfig,
+)
+from lmforge.components.curate.dedup import Deduplicator, Signer, exact_key
+from lmforge.components.curate.filters import quality_reason
+from lmforge.components.curate.markup import html_to_text
+from lmforge.components.curate.normalize import decode, is_binary, normalize_text
+from lmforge.components.curate.pii import redact
+from lmforge.components.curate.split import assign_split
 from lmforge.config import load
-from model.config import ConfigError
+from lmforge.model.config import ConfigError
 
 NORM = NormalizeConfig()
-PROSE = ("The scheduler retries a failed job with an exponential backoff, and the operator can inspect "
-         "the history of every attempt in the web console that comes with the platform. ")
+PROSE = (
+    "The scheduler retries a failed job with an exponential backoff, and the operator can inspect "
+    "the history of every attempt in the web console that comes with the platform. "
+)
 
 
 # ---- decoding and normalization ------------------------------------------------------------------
@@ -33,7 +42,9 @@ def test_decoding_policy() -> None:
     text, how = decode(PROSE.encode() * 10 + b"\xff" + PROSE.encode() * 10, NORM)
     assert how == "utf-8-repaired" and "\ufffd" not in text and text.count("scheduler") == 20
     # A legacy 8-bit encoding: detected, accents intact.
-    latin = ("Le fichier de configuration a été créé à côté du répertoire; déjà vérifié. " * 6).encode("cp1252")
+    latin = ("Le fichier de configuration a été créé à côté du répertoire; déjà vérifié. " * 6).encode(
+        "cp1252"
+    )
     text, how = decode(latin, NORM)
     assert how == "cp1252" and "été créé à côté du répertoire" in text
     # Mostly non-ASCII legacy text: detected.
@@ -41,7 +52,10 @@ def test_decoding_policy() -> None:
     text, how = decode(russian, NORM)
     assert how == "detected:cp1251" and text.startswith("Пользователь должен")
     # With neither fallback: rejected rather than silently mangled.
-    assert decode(latin, NormalizeConfig(legacy_encoding=None, detect_encoding=False)) == (None, "undecodable")
+    assert decode(latin, NormalizeConfig(legacy_encoding=None, detect_encoding=False)) == (
+        None,
+        "undecodable",
+    )
 
 
 def test_binary_detection() -> None:
@@ -62,7 +76,10 @@ def test_normalize_text() -> None:
 def test_html_to_text_is_tolerant() -> None:
     text = html_to_text("<div><p>Unclosed <b>bold<p>Second &amp; last<script>x = 1 < 2")
     assert "Unclosed bold" in text and "Second & last" in text and "x = 1" not in text
-    assert html_to_text("<head><title>T</title><p>Body without closing head") == "\nT\n\nBody without closing head"
+    assert (
+        html_to_text("<head><title>T</title><p>Body without closing head")
+        == "\nT\n\nBody without closing head"
+    )
 
 
 # ---- quality filters ------------------------------------------------------------------------------
@@ -77,10 +94,16 @@ def test_html_to_text_is_tolerant() -> None:
         (PROSE + " ".join(["#tag ... #more"] * 8), "symbol_ratio"),
         ("\n".join(["The same line of the log with repeated content."] * 5 + [PROSE]), "duplicate_lines"),
         ("\n".join(f"- bullet point number {i} of the list" for i in range(10)), "bullet_lines"),
-        ("\n".join(f"And then the long story of item {i} went on and on and on..." for i in range(10)), "ellipsis_lines"),
+        (
+            "\n".join(f"And then the long story of item {i} went on and on and on..." for i in range(10)),
+            "ellipsis_lines",
+        ),
         (PROSE + "Lorem Ipsum dolor sit amet.", "bad_phrase"),
-        ("Die Dokumentation beschreibt ausführlich, wie man Module installiert und eigene Pakete "
-         "veröffentlicht; viele Beispiele lassen sich direkt im Interpreter ausprobieren.", "language"),
+        (
+            "Die Dokumentation beschreibt ausführlich, wie man Module installiert und eigene Pakete "
+            "veröffentlicht; viele Beispiele lassen sich direkt im Interpreter ausprobieren.",
+            "language",
+        ),
     ],
 )
 def test_quality_reasons(text: str, reason: str | None) -> None:
@@ -98,18 +121,24 @@ def test_each_pii_type_is_replaced_and_counted() -> None:
     text = (
         "Mail jane.doe+ops@mail.example.co.uk, call +44 20 7946 0958 or (555) 123-4567 or 415.555.0100; "
         "hosts 203.0.113.7 and fe80::1 and 2001:db8:85a3::8a2e:370:7334. token = ghp_" + "a1" * 18 + " and "
-        "password: Sup3rS3cretPassw0rd and sk-proj-" + "x9" * 12 + "\n-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
+        "password: Sup3rS3cretPassw0rd and sk-proj-"
+        + "x9" * 12
+        + "\n-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
     )
     out, counts = redact(text, PiiConfig())
     assert counts == {"private_key": 1, "secret": 3, "email": 1, "ip_address": 2, "phone": 3}
-    assert out.startswith("Mail [EMAIL], call [PHONE] or [PHONE] or [PHONE]; hosts [IP_ADDRESS] and fe80::1 and [IP_ADDRESS].")
+    assert out.startswith(
+        "Mail [EMAIL], call [PHONE] or [PHONE] or [PHONE]; hosts [IP_ADDRESS] and fe80::1 and [IP_ADDRESS]."
+    )
     assert "password: [SECRET]" in out and out.endswith("[PRIVATE_KEY]")
 
 
 def test_things_that_only_look_like_pii_are_kept() -> None:
-    text = ("Python 3.11.4 on 127.0.0.1:8000 and 0.0.0.0; released 2023-06-06 14:05; see section 1.2.3; "
-            "a table: 100 200 300 400 500; the C++ std::map and reST's example:: block; 12:30:45; "
-            "ISBN 978 3 16 148410 0; password = changeme")
+    text = (
+        "Python 3.11.4 on 127.0.0.1:8000 and 0.0.0.0; released 2023-06-06 14:05; see section 1.2.3; "
+        "a table: 100 200 300 400 500; the C++ std::map and reST's example:: block; 12:30:45; "
+        "ISBN 978 3 16 148410 0; password = changeme"
+    )
     out, counts = redact(text, PiiConfig())
     assert out == text and sum(counts.values()) == 0
 
@@ -122,8 +151,11 @@ def test_pii_types_can_be_disabled() -> None:
 # ---- dedup ----------------------------------------------------------------------------------------
 def _words(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [rng.choice(["queue", "worker", "retry", "backoff", "node", "cluster", "pod", "job", "log", "disk"]) + str(rng.randint(0, 50))
-            for _ in range(n)]
+    return [
+        rng.choice(["queue", "worker", "retry", "backoff", "node", "cluster", "pod", "job", "log", "disk"])
+        + str(rng.randint(0, 50))
+        for _ in range(n)
+    ]
 
 
 def test_exact_and_near_duplicates() -> None:
@@ -173,10 +205,17 @@ def test_split_assignment_is_stable_and_proportional() -> None:
 # ---- config ---------------------------------------------------------------------------------------
 def test_yaml_matches_the_defaults_and_errors_name_the_field(repo_root: Path) -> None:
     assert load(CurateConfig, repo_root / "configs" / "curate.yaml") == CurateConfig()
-    cfg = load(CurateConfig, repo_root / "configs" / "curate.yaml", ["filters.min_words=5", "filters.language=null"])
+    cfg = load(
+        CurateConfig, repo_root / "configs" / "curate.yaml", ["filters.min_words=5", "filters.language=null"]
+    )
     assert cfg.filters.min_words == 5 and cfg.filters.language is None
-    for override, field in (("filters.min_alpha_fraction=1.5", "min_alpha_fraction"), ("split.test=0.99", "validation + test"),
-                            ("input.extensions=[.pdf]", "extensions"), ("dedup.num_perm=4", "num_perm"),
-                            ("filters.language=fr", "filters.language"), ("pii.emails=false", "pii.emails")):
+    for override, field in (
+        ("filters.min_alpha_fraction=1.5", "min_alpha_fraction"),
+        ("split.test=0.99", "validation + test"),
+        ("input.extensions=[.pdf]", "extensions"),
+        ("dedup.num_perm=4", "num_perm"),
+        ("filters.language=fr", "filters.language"),
+        ("pii.emails=false", "pii.emails"),
+    ):
         with pytest.raises(ConfigError, match=field.replace("+", r"\+")):
             load(CurateConfig, None, [override])

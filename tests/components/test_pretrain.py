@@ -18,14 +18,14 @@ import pytest
 import torch
 from _pretrain_data import REPO, build_sample_shards, tiny_config
 
-from components.pretrain import checkpointing, consolidate, pretrain
-from components.pretrain import trainer as _ray_trainer_module  # noqa: F401 (imports cleanly)
-from components.pretrain.config import PretrainConfig
-from components.pretrain.optim import lr_multiplier, param_groups
 from lmforge.cli import main as cli_main
+from lmforge.components.pretrain import checkpointing, consolidate, pretrain
+from lmforge.components.pretrain import trainer as _ray_trainer_module  # noqa: F401 (imports cleanly)
+from lmforge.components.pretrain.config import PretrainConfig
+from lmforge.components.pretrain.optim import lr_multiplier, param_groups
 from lmforge.config import build, load
-from model import ModelConfig, Transformer, load_model_dir
-from model.config import ConfigError
+from lmforge.model import ModelConfig, Transformer, load_model_dir
+from lmforge.model.config import ConfigError
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
@@ -50,25 +50,30 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
 
 
 # ---- config validation (no data, no Ray) ---------------------------------------------------------
-BASE = {"data": {"shards_dir": "/nonexistent", "seq_len": 64, "global_batch_size": 8, "micro_batch_size": 2},
-        "ray": {"num_workers": 2}}
+BASE = {
+    "data": {"shards_dir": "/nonexistent", "seq_len": 64, "global_batch_size": 8, "micro_batch_size": 2},
+    "ray": {"num_workers": 2},
+}
 
 
-@pytest.mark.parametrize("override, field", [
-    ("strategy.name=horovod", "strategy.name"),
-    ("data.global_batch_size=6", "data.global_batch_size"),  # 6 % (2 micro x 2 workers) != 0
-    ("ray.num_workers=3", "data.global_batch_size"),  # 8 % (2 x 3) != 0
-    ("strategy.zero_stage=4", "strategy.zero_stage"),
-    ("schedule.warmup_steps=5000", "schedule.warmup_steps"),
-    ("data.seq_len=4096", "data.seq_len"),  # tiny's context is 256
-    ("model.overrides.n_layerz=3", "model.overrides"),
-    ("model.preset=gpt5", "model.preset"),
-    ("precision.dtype=fp8", "precision.dtype"),
-    ("optim.no_decay=[norm,gain]", "optim.no_decay"),
-    ("optim.layer_lr_decay=1.5", "optim.layer_lr_decay"),
-    ("optim.lr=fast", "optim.lr"),  # pydantic type check
-    ("checkpoint.evry=3", "checkpoint.evry"),  # unknown key
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("strategy.name=horovod", "strategy.name"),
+        ("data.global_batch_size=6", "data.global_batch_size"),  # 6 % (2 micro x 2 workers) != 0
+        ("ray.num_workers=3", "data.global_batch_size"),  # 8 % (2 x 3) != 0
+        ("strategy.zero_stage=4", "strategy.zero_stage"),
+        ("schedule.warmup_steps=5000", "schedule.warmup_steps"),
+        ("data.seq_len=4096", "data.seq_len"),  # tiny's context is 256
+        ("model.overrides.n_layerz=3", "model.overrides"),
+        ("model.preset=gpt5", "model.preset"),
+        ("precision.dtype=fp8", "precision.dtype"),
+        ("optim.no_decay=[norm,gain]", "optim.no_decay"),
+        ("optim.layer_lr_decay=1.5", "optim.layer_lr_decay"),
+        ("optim.lr=fast", "optim.lr"),  # pydantic type check
+        ("checkpoint.evry=3", "checkpoint.evry"),  # unknown key
+    ],
+)
 def test_bad_config_names_the_field(override: str, field: str) -> None:
     from lmforge.config import apply_overrides
 
@@ -82,9 +87,17 @@ def test_yaml_configs_validate_and_seed_matches_the_brief() -> None:
         load(PretrainConfig, REPO / "configs" / name)
     seed = load(PretrainConfig, REPO / "configs" / "seed-1.3b.yaml")
     assert seed.model.preset == "seed-1.3b" and seed.data.seq_len == 2048
-    assert seed.data.global_batch_size == 512 and seed.grad_accum_steps * seed.data.micro_batch_size * seed.world_size == 512
+    assert (
+        seed.data.global_batch_size == 512
+        and seed.grad_accum_steps * seed.data.micro_batch_size * seed.world_size == 512
+    )
     assert (seed.optim.lr, seed.schedule.warmup_steps, seed.schedule.max_steps) == (1e-4, 4000, 100_000)
-    assert (seed.optim.beta1, seed.optim.beta2, seed.optim.weight_decay, seed.optim.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+    assert (seed.optim.beta1, seed.optim.beta2, seed.optim.weight_decay, seed.optim.grad_clip) == (
+        0.9,
+        0.95,
+        0.1,
+        1.0,
+    )
     assert seed.precision.dtype == "fp16" and seed.strategy.name in ("fsdp", "deepspeed")
     assert seed.strategy.activation_checkpointing and seed.ray.use_gpu
 
@@ -97,7 +110,10 @@ def test_data_problems_fail_before_ray(shards: Path, tmp_path: Path, monkeypatch
     cases = [
         (tiny_config(tmp_path / "missing", tmp_path / "o1", "ray.num_workers=2"), "data.shards_dir"),
         (tiny_config(shards, tmp_path / "o2", "ray.num_workers=2", "eval.split=test"), "eval.split"),
-        (tiny_config(shards, tmp_path / "o3", "ray.num_workers=2", "model.overrides.vocab_size=100"), "vocab_size"),
+        (
+            tiny_config(shards, tmp_path / "o3", "ray.num_workers=2", "model.overrides.vocab_size=100"),
+            "vocab_size",
+        ),
     ]
     for cfg, field in cases:
         with pytest.raises(ConfigError) as err:
@@ -128,12 +144,17 @@ def test_param_groups_exclude_norms_and_embeddings_and_apply_layer_decay() -> No
     everything = build(PretrainConfig, {**BASE, "optim": {"no_decay": []}})
     names = [n for g in param_groups(tied, 2, everything.optim) for n in g["names"]]
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # tied: listed once
-    assert all(g["weight_decay"] == everything.optim.weight_decay for g in param_groups(tied, 2, everything.optim))
+    assert all(
+        g["weight_decay"] == everything.optim.weight_decay for g in param_groups(tied, 2, everything.optim)
+    )
 
 
 def test_schedules() -> None:
     def sched(**kw):
-        return build(PretrainConfig, {**BASE, "schedule": {"max_steps": 110, "warmup_steps": 10, "min_lr_ratio": 0.1, **kw}}).schedule
+        return build(
+            PretrainConfig,
+            {**BASE, "schedule": {"max_steps": 110, "warmup_steps": 10, "min_lr_ratio": 0.1, **kw}},
+        ).schedule
 
     cos = sched(decay="cosine")
     assert [lr_multiplier(s, cos) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup reaches the peak
@@ -174,7 +195,9 @@ def test_sigterm_checkpoints_and_resume_is_exact(shards: Path, tmp_path: Path) -
     client = MlflowClient(uri)
 
     def curve(run_id: str, key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        return [
+            (m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        ]
 
     assert curve(full.mlflow_run_id, "train/loss") == curve(second.mlflow_run_id, "train/loss")
     assert [s for s, _ in curve(second.mlflow_run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
@@ -193,11 +216,22 @@ def test_sigterm_checkpoints_and_resume_is_exact(shards: Path, tmp_path: Path) -
     run = client.get_run(second.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.003" and int(run.data.params["model.num_params"]) > 0
-    for key in ("train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "train/tokens_per_s", "train/peak_mem_gb", "val/ppl"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/loss_scale",
+        "train/tokens_per_s",
+        "train/peak_mem_gb",
+        "val/ppl",
+    ):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(second.mlflow_run_id)}
     assert {"config.yaml", "loss_curve.png", "model"} <= artifacts
-    assert {a.path for a in client.list_artifacts(second.mlflow_run_id, "model")} >= {"model/config.json", "model/model.safetensors"}
+    assert {a.path for a in client.list_artifacts(second.mlflow_run_id, "model")} >= {
+        "model/config.json",
+        "model/model.safetensors",
+    }
     assert (tmp_path / "split" / "loss_curve.png").stat().st_size > 1000
     # the final model directory carries the tokenizer and the run's provenance
     meta = json.loads((second.model_dir / "lmforge.json").read_text())
@@ -206,12 +240,18 @@ def test_sigterm_checkpoints_and_resume_is_exact(shards: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_mixed_precision_trains(shards: Path, tmp_path: Path, dtype: str) -> None:
-    from components.pretrain import loop
-    from components.pretrain.env import RunEnv
-    from components.pretrain.tracking import Tracker
+    from lmforge.components.pretrain import loop
+    from lmforge.components.pretrain.env import RunEnv
+    from lmforge.components.pretrain.tracking import Tracker
 
-    cfg = tiny_config(shards, tmp_path / dtype, f"precision.dtype={dtype}", "schedule.max_steps=4",
-                      "precision.initial_scale=1024", "eval.every=0")
+    cfg = tiny_config(
+        shards,
+        tmp_path / dtype,
+        f"precision.dtype={dtype}",
+        "schedule.max_steps=4",
+        "precision.initial_scale=1024",
+        "eval.every=0",
+    )
     env = RunEnv(cfg.checkpoints_dir(), 2, None)
     result = loop.train(cfg, ModelConfig.from_name("tiny", vocab_size=512), env, Tracker())
     losses = [r["train/loss"] for r in result.history]
@@ -222,13 +262,23 @@ def test_mixed_precision_trains(shards: Path, tmp_path: Path, dtype: str) -> Non
     else:  # dynamic loss scaling: starts at 1024, halves on overflow
         assert all(1 <= s <= 1024 for s in scales) and 1024 in scales | {max(scales) * 2}
     # fp32 master weights regardless of the compute precision
-    assert weights(consolidate(result.checkpoint, tmp_path / f"{dtype}-model"))["model.norm.weight"].dtype == torch.float32
+    assert (
+        weights(consolidate(result.checkpoint, tmp_path / f"{dtype}-model"))["model.norm.weight"].dtype
+        == torch.float32
+    )
 
 
 def test_activation_checkpointing_gives_the_same_training(shards: Path, tmp_path: Path) -> None:
     plain = pretrain(tiny_config(shards, tmp_path / "plain", "schedule.max_steps=2", "eval.every=0"))
-    ckpt = pretrain(tiny_config(shards, tmp_path / "ac", "schedule.max_steps=2", "eval.every=0",
-                                "strategy.activation_checkpointing=true"))
+    ckpt = pretrain(
+        tiny_config(
+            shards,
+            tmp_path / "ac",
+            "schedule.max_steps=2",
+            "eval.every=0",
+            "strategy.activation_checkpointing=true",
+        )
+    )
     assert_same_weights(plain.model_dir, ckpt.model_dir, atol=1e-6)
 
 
@@ -254,8 +304,14 @@ def test_fsdp_in_process_resumes_exactly(shards: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')")
 def test_deepspeed_in_process_resumes_exactly(shards: Path, tmp_path: Path) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    cfg = tiny_config(shards, tmp_path / "ds", "strategy.name=deepspeed", "strategy.zero_stage=1", "eval.every=0")
-    full = pretrain(tiny_config(shards, tmp_path / "ds-full", "strategy.name=deepspeed", "strategy.zero_stage=1", "eval.every=0"))
+    cfg = tiny_config(
+        shards, tmp_path / "ds", "strategy.name=deepspeed", "strategy.zero_stage=1", "eval.every=0"
+    )
+    full = pretrain(
+        tiny_config(
+            shards, tmp_path / "ds-full", "strategy.name=deepspeed", "strategy.zero_stage=1", "eval.every=0"
+        )
+    )
 
     def stop_at_3(step: int, rank: int) -> None:
         if step == 3:
@@ -268,8 +324,11 @@ def test_deepspeed_in_process_resumes_exactly(shards: Path, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_torch_compile_keeps_names_and_trains(shards: Path, tmp_path: Path) -> None:
-    result = pretrain(tiny_config(shards, tmp_path / "compiled", "strategy.compile=true", "schedule.max_steps=2",
-                                  "eval.every=0"))
+    result = pretrain(
+        tiny_config(
+            shards, tmp_path / "compiled", "strategy.compile=true", "schedule.max_steps=2", "eval.every=0"
+        )
+    )
     assert math.isfinite(result.metrics["train/loss"])
     load_model_dir(result.model_dir)  # strict key check: compiling in place kept the parameter names
 
@@ -288,7 +347,10 @@ def test_resume_path_rules(shards: Path, tmp_path: Path) -> None:
         pretrain(tiny_config(shards, tmp_path / "c", "eval.every=0"), resume=str(step2))
     # a different checkpoint into a directory that already holds another run's checkpoints
     with pytest.raises(checkpointing.CheckpointError, match="another run"):
-        pretrain(tiny_config(shards, tmp_path / "b", "eval.every=0"), resume=str(tmp_path / "a" / "checkpoints" / "step-00000004"))
+        pretrain(
+            tiny_config(shards, tmp_path / "b", "eval.every=0"),
+            resume=str(tmp_path / "a" / "checkpoints" / "step-00000004"),
+        )
     with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
         pretrain(tiny_config(shards, tmp_path / "d", "eval.every=0"), resume=str(tmp_path / "nowhere"))
 
@@ -296,10 +358,26 @@ def test_resume_path_rules(shards: Path, tmp_path: Path) -> None:
 # ---- CLI ----------------------------------------------------------------------------------------------
 def test_cli_pretrain_and_consolidate(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
-    args = ["pretrain", "--config", str(REPO / "configs" / "pretrain-tiny.yaml"), "--local",
-            "--set", f"data.shards_dir={shards}", "--set", f"output_dir={out}", "--set", "schedule.max_steps=3",
-            "--set", "schedule.warmup_steps=1", "--set", "model.overrides.n_layers=1", "--set", "tracking.enabled=false",
-            "--set", "eval.every=0"]
+    args = [
+        "pretrain",
+        "--config",
+        str(REPO / "configs" / "pretrain-tiny.yaml"),
+        "--local",
+        "--set",
+        f"data.shards_dir={shards}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "schedule.max_steps=3",
+        "--set",
+        "schedule.warmup_steps=1",
+        "--set",
+        "model.overrides.n_layers=1",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "eval.every=0",
+    ]
     assert cli_main(args) == 0
     assert "pretrained" in capsys.readouterr().out
     assert load_model_dir(out / "model").config.vocab_size == 512

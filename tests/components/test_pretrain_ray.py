@@ -23,8 +23,8 @@ import pytest
 import torch
 from _pretrain_data import REPO, build_sample_shards, tiny_config
 
-from components.pretrain import checkpointing, consolidate, pretrain
-from model import load_model_dir
+from lmforge.components.pretrain import checkpointing, consolidate, pretrain
+from lmforge.model import load_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -45,9 +45,17 @@ def close_weights(a: Path, b: Path, atol: float) -> None:
 
 def test_ddp_preemption_resume_and_worker_kill(ray_local, shards: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["schedule.max_steps=12", "schedule.warmup_steps=2", "checkpoint.every=2", "checkpoint.keep_last=3",
-            "eval.every=6", "model.overrides.n_layers=2", "tracking.enabled=true", f"tracking.tracking_uri={uri}",
-            "tracking.experiment=ray-test"]
+    sets = [
+        "schedule.max_steps=12",
+        "schedule.warmup_steps=2",
+        "checkpoint.every=2",
+        "checkpoint.keep_last=3",
+        "eval.every=6",
+        "model.overrides.n_layers=2",
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=ray-test",
+    ]
     reference = pretrain(tiny_config(shards, tmp_path / "local", *sets, "tracking.enabled=false"))
 
     cfg = tiny_config(shards, tmp_path / "ray", *sets, "ray.num_workers=2", "ray.max_failures=1")
@@ -60,7 +68,10 @@ def test_ddp_preemption_resume_and_worker_kill(ray_local, shards: Path, tmp_path
 
     first = pretrain(cfg, on_step=preempt_driver_at_2)
     assert first.preempted and 2 <= first.step < 8 and first.model_dir is None
-    assert first.checkpoint_dir is not None and checkpointing.read_state(first.checkpoint_dir)["step"] == first.step
+    assert (
+        first.checkpoint_dir is not None
+        and checkpointing.read_state(first.checkpoint_dir)["step"] == first.step
+    )
 
     def kill_rank1_at_9(step: int, rank: int) -> None:
         if rank == 1 and step == 9 and not marker.exists():  # after the step-8 checkpoint
@@ -74,7 +85,11 @@ def test_ddp_preemption_resume_and_worker_kill(ray_local, shards: Path, tmp_path
 
     # Every rank wrote its part into one checkpoint directory; Ray kept the last 3.
     state = checkpointing.read_state(second.checkpoint_dir)
-    assert state["world_size"] == 2 and set(state["files"]) == {"0", "1"} and "rng/rank-1.pt" in state["files"]["1"]
+    assert (
+        state["world_size"] == 2
+        and set(state["files"]) == {"0", "1"}
+        and "rng/rank-1.pt" in state["files"]["1"]
+    )
     kept = checkpointing.list_checkpoints(tmp_path / "ray" / "checkpoints")
     assert [p.name for p in kept] == ["step-00000008", "step-00000010", "step-00000012"]
 
@@ -106,15 +121,31 @@ def test_ddp_preemption_resume_and_worker_kill(ray_local, shards: Path, tmp_path
 def reference_3_steps(shards: Path, tmp_path_factory) -> Path:
     """In-process DDP reference for the sharded strategies."""
     out = tmp_path_factory.mktemp("ref")
-    return pretrain(tiny_config(shards, out, "schedule.max_steps=3", "eval.every=0", "checkpoint.every=3")).model_dir
+    return pretrain(
+        tiny_config(shards, out, "schedule.max_steps=3", "eval.every=0", "checkpoint.every=3")
+    ).model_dir
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                    reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')")
-def test_deepspeed_zero2_on_two_workers(ray_local, shards: Path, reference_3_steps: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')",
+)
+def test_deepspeed_zero2_on_two_workers(
+    ray_local, shards: Path, reference_3_steps: Path, tmp_path: Path
+) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))  # built once, reused
-    result = pretrain(tiny_config(shards, tmp_path / "ds", "ray.num_workers=2", "strategy.name=deepspeed",
-                                  "strategy.zero_stage=2", "schedule.max_steps=3", "eval.every=0", "checkpoint.every=3"))
+    result = pretrain(
+        tiny_config(
+            shards,
+            tmp_path / "ds",
+            "ray.num_workers=2",
+            "strategy.name=deepspeed",
+            "strategy.zero_stage=2",
+            "schedule.max_steps=3",
+            "eval.every=0",
+            "checkpoint.every=3",
+        )
+    )
     state = checkpointing.read_state(result.checkpoint_dir)
     shards_per_rank = [[f for f in state["files"][r] if "optim_states" in f] for r in ("0", "1")]
     assert all(len(files) == 1 for files in shards_per_rank)  # each rank saved its own ZeRO partition
@@ -124,8 +155,17 @@ def test_deepspeed_zero2_on_two_workers(ray_local, shards: Path, reference_3_ste
 
 
 def test_fsdp_on_two_workers(ray_local, shards: Path, reference_3_steps: Path, tmp_path: Path) -> None:
-    result = pretrain(tiny_config(shards, tmp_path / "fsdp", "ray.num_workers=2", "strategy.name=fsdp",
-                                  "schedule.max_steps=3", "eval.every=0", "checkpoint.every=3"))
+    result = pretrain(
+        tiny_config(
+            shards,
+            tmp_path / "fsdp",
+            "ray.num_workers=2",
+            "strategy.name=fsdp",
+            "schedule.max_steps=3",
+            "eval.every=0",
+            "checkpoint.every=3",
+        )
+    )
     state = checkpointing.read_state(result.checkpoint_dir)
     assert "fsdp/__0_0.distcp" in state["files"]["0"] and "fsdp/__1_0.distcp" in state["files"]["1"]
     close_weights(reference_3_steps, result.model_dir, RAY_TOL)

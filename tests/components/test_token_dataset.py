@@ -14,23 +14,38 @@ import numpy as np
 import pytest
 import torch
 
-from components.token_dataset import PackedTokenDataset
-from components.tokenize_shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_index
+from lmforge.components.token_dataset import PackedTokenDataset
+from lmforge.components.tokenize_shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_index
 
 SEQ = 8
 STREAM_LEN = 8 * 50 + 3  # 403 tokens -> (403 - 1) // 8 = 50 windows
 
 
-def make_shards(root: Path, n_tokens: int = STREAM_LEN, dtype: str = "uint16", splits=("train", "validation"), shard_tokens: int = 37) -> Path:
+def make_shards(
+    root: Path,
+    n_tokens: int = STREAM_LEN,
+    dtype: str = "uint16",
+    splits=("train", "validation"),
+    shard_tokens: int = 37,
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     index_splits = {}
     for split in splits:
         writer = ShardWriter(root, split, np.dtype(dtype), shard_tokens)
         writer.write(np.arange(n_tokens, dtype=np.int64) % 50000 + (70000 if dtype == "uint32" else 0))
         index_splits[split] = {"num_tokens": n_tokens, "num_documents": 1, "shards": writer.finish()}
-    write_index(root, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dtype": dtype,
-                       "vocab_size": 120000 if dtype == "uint32" else 50000, "eos_id": 0,
-                       "tokenizer_sha256": "x", "splits": index_splits})
+    write_index(
+        root,
+        {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "dtype": dtype,
+            "vocab_size": 120000 if dtype == "uint32" else 50000,
+            "eos_id": 0,
+            "tokenizer_sha256": "x",
+            "splits": index_splits,
+        },
+    )
     return root
 
 
@@ -173,6 +188,8 @@ def test_module_does_not_import_services(repo_root: Path) -> None:
     import subprocess
     import sys
 
-    code = "import sys, components.token_dataset; print(sorted(m for m in ('ray', 'mlflow', 'kfp') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
+    code = "import sys, lmforge.components.token_dataset; print(sorted(m for m in ('ray', 'mlflow', 'kfp') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"

@@ -15,13 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from components.token_dataset import PackedTokenDataset
-from components.tokenize_shards import token_dtype, tokenize_dataset
+from lmforge.components.token_dataset import PackedTokenDataset
+from lmforge.components.tokenize_shards import token_dtype, tokenize_dataset
 from lmforge.errors import UserError
 
 DOCS = {
-    "train": [f"Document {i}: the scheduler retries failed jobs after {i} seconds. ünïcödé ✓" for i in range(40)],
-    "validation": ["A validation document about restarting services.", "Another one, with an e-mail [EMAIL]."],
+    "train": [
+        f"Document {i}: the scheduler retries failed jobs after {i} seconds. ünïcödé ✓" for i in range(40)
+    ],
+    "validation": [
+        "A validation document about restarting services.",
+        "Another one, with an e-mail [EMAIL].",
+    ],
 }
 
 
@@ -40,7 +45,9 @@ def train_tiny_tokenizer(out: Path, texts: list[str], vocab_size: int = 320) -> 
     tok.train_from_iterator(texts, trainer)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"})
+    )
     return out
 
 
@@ -64,13 +71,20 @@ def test_tokenize_round_trip_and_index(tmp_path: Path, tokenizer_dir: Path) -> N
     from tokenizers import Tokenizer
 
     data = write_curated(tmp_path / "data", DOCS)
-    res = tokenize_dataset(data, tokenizer_dir, tmp_path / "tok", shard_tokens=500, batch_docs=7, progress=False)
+    res = tokenize_dataset(
+        data, tokenizer_dir, tmp_path / "tok", shard_tokens=500, batch_docs=7, progress=False
+    )
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     eos = tok.token_to_id("<|eos|>")
     index = json.loads((tmp_path / "tok" / "index.json").read_text())
     assert index["format"] == "lmforge-token-shards" and index["dtype"] == "uint16"
-    assert index["eos_id"] == eos == res.eos_id and index["vocab_size"] == tok.get_vocab_size() == res.vocab_size
-    assert index["tokenizer_sha256"] == hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
+    assert (
+        index["eos_id"] == eos == res.eos_id and index["vocab_size"] == tok.get_vocab_size() == res.vocab_size
+    )
+    assert (
+        index["tokenizer_sha256"]
+        == hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
+    )
     assert index["data_content_sha256"] == "abc123"
     assert list(index["splits"]) == ["train", "validation"]
     for split, texts in DOCS.items():
@@ -99,7 +113,10 @@ def test_existing_output_needs_overwrite(tmp_path: Path, tokenizer_dir: Path) ->
     with pytest.raises(UserError, match="--overwrite"):
         tokenize_dataset(data, tokenizer_dir, tmp_path / "tok", progress=False)
     res = tokenize_dataset(data, tokenizer_dir, tmp_path / "tok", overwrite=True, progress=False)
-    assert sorted(p.name for p in (tmp_path / "tok").glob("*.bin")) == ["train-00000.bin", "validation-00000.bin"]
+    assert sorted(p.name for p in (tmp_path / "tok").glob("*.bin")) == [
+        "train-00000.bin",
+        "validation-00000.bin",
+    ]
     assert res.metrics()["total_documents"] == 42
 
 
@@ -130,26 +147,50 @@ def test_dtype_widens_only_when_ids_do_not_fit() -> None:
     assert token_dtype(65_537) == np.uint32 and token_dtype(128_256) == np.uint32
 
 
-def test_curate_then_tokenize_through_the_cli(tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture) -> None:
+def test_curate_then_tokenize_through_the_cli(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import lmforge.cli as cli
-    from components.curate import CurateConfig, curate
+    from lmforge.components.curate import CurateConfig, curate
 
     fixture = Path(__file__).resolve().parents[1] / "fixtures" / "curate" / "docs"
     cfg = CurateConfig(num_workers=1)
     cfg.split.validation = cfg.split.test = 0.3
     curated = curate([fixture], tmp_path / "data", cfg, progress=False)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.commands.tokenize"])
-    rc = cli.main(["tokenize", "--data", str(tmp_path / "data"), "--tokenizer", str(tokenizer_dir),
-                   "--output", str(tmp_path / "tokens"), "--no-progress"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.cli.tokenize"])
+    rc = cli.main(
+        [
+            "tokenize",
+            "--data",
+            str(tmp_path / "data"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--output",
+            str(tmp_path / "tokens"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and "tokenized train" in capsys.readouterr().out
     index = json.loads((tmp_path / "tokens" / "index.json").read_text())
     assert index["data_content_sha256"] == curated.datacard["content_sha256"]
     assert {s: e["num_documents"] for s, e in index["splits"].items()} == {
-        s: v["documents"] for s, v in curated.datacard["splits"].items() if v["documents"]}
+        s: v["documents"] for s, v in curated.datacard["splits"].items() if v["documents"]
+    }
     ds = PackedTokenDataset(tmp_path / "tokens", "train", seq_len=32, seed=1)
     x, y = ds.next_batch(8)
     assert x.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])
-    assert cli.main(["tokenize", "--data", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "nope"),
-                     "--output", str(tmp_path / "t2")]) == 2
+    assert (
+        cli.main(
+            [
+                "tokenize",
+                "--data",
+                str(tmp_path / "data"),
+                "--tokenizer",
+                str(tmp_path / "nope"),
+                "--output",
+                str(tmp_path / "t2"),
+            ]
+        )
+        == 2
+    )
     assert "tokenizer.json" in capsys.readouterr().err

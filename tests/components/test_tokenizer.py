@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from components import tokenizer as tk
-from components.tokenizer import (
+from lmforge.components import tokenizer as tk
+from lmforge.components.tokenizer import (
     CorpusError,
     EmptyCorpusError,
     SpecialTokens,
@@ -60,11 +60,21 @@ def _small_corpus(n: int = 40) -> list[str]:
 
 def test_writes_hugging_face_files(trained):
     out = trained.output_dir
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "fertility.json", "fertility.md"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "fertility.json",
+        "fertility.md",
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (
+        "<|bos|>",
+        "<|eos|>",
+        "<|pad|>",
+    )
     assert config["add_bos_token"] is False and config["model_max_length"] == 2048
     assert "<|im_start|>" in config["chat_template"]
     assert trained.vocab_size == 1024 == trained.requested_vocab_size
@@ -116,11 +126,16 @@ def test_chat_template_renders_chatml(trained):
     from transformers import AutoTokenizer
 
     auto = AutoTokenizer.from_pretrained(trained.output_dir)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
-                {"role": "assistant", "content": "A mutable sequence."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a list?"},
+        {"role": "assistant", "content": "A mutable sequence."},
+    ]
     rendered = auto.apply_chat_template(messages, tokenize=False)
-    assert rendered == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is a list?<|im_end|>\n"
-                        "<|im_start|>assistant\nA mutable sequence.<|im_end|>\n")
+    assert rendered == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is a list?<|im_end|>\n"
+        "<|im_start|>assistant\nA mutable sequence.<|im_end|>\n"
+    )
     prompt = auto.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
     ids = auto.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
@@ -146,7 +161,9 @@ def test_fertility_report_matches_a_recount(trained):
     assert report["heldout"]["bytes"] == n_bytes and report["heldout"]["words"] == n_words
     for row, tok_dir in ((trained.fertility[0], trained.output_dir), (rows["smollm2"], REFERENCE)):
         row = row if isinstance(row, dict) else asdict(row)
-        tokens = sum(len(e.ids) for e in load_tokenizer(tok_dir).encode_batch(texts, add_special_tokens=False))
+        tokens = sum(
+            len(e.ids) for e in load_tokenizer(tok_dir).encode_batch(texts, add_special_tokens=False)
+        )
         assert row["tokens"] == tokens
         assert row["bytes_per_token"] == pytest.approx(n_bytes / tokens, abs=1e-3)
         assert row["tokens_per_word"] == pytest.approx(tokens / n_words, abs=1e-3)
@@ -164,8 +181,9 @@ def test_missing_default_reference_is_a_note(tmp_path, monkeypatch):
 
 
 def test_no_heldout_documents_is_a_note(tmp_path):
-    result = train_tokenizer(iter(_small_corpus()), tmp_path / "out", vocab_size=300, holdout_fraction=0.0,
-                             reference_tokenizers=[])
+    result = train_tokenizer(
+        iter(_small_corpus()), tmp_path / "out", vocab_size=300, holdout_fraction=0.0, reference_tokenizers=[]
+    )
     assert result.fertility == [] and any("fertility not measured" in n for n in result.notes)
 
 
@@ -177,14 +195,22 @@ def test_reads_every_supported_kind(tmp_path):
     (corpus / "sub").mkdir(parents=True)
     (corpus / "a.txt").write_text("plain text about merges\n" * 20)
     (corpus / "sub" / "b.md").write_text("# Markdown\n\nsome *markdown* text\n" * 10)
-    (corpus / "c.html").write_text("<html><head><title>t</title><style>.zzqq{}</style></head><body><p>html "
-                                   "body text</p><script>var zzqq = 1;</script></body></html>")
+    (corpus / "c.html").write_text(
+        "<html><head><title>t</title><style>.zzqq{}</style></head><body><p>html "
+        "body text</p><script>var zzqq = 1;</script></body></html>"
+    )
     with gzip.open(corpus / "d.rst.gz", "wt", encoding="utf-8") as fh:
         fh.write("Compressed\n==========\n\nrestructured text\n" * 10)
-    (corpus / "e.jsonl").write_text(json.dumps({"id": "x1", "text": "json line one"}) + "\n\n"
-                                    + json.dumps({"text": "json line two"}) + "\n")
+    (corpus / "e.jsonl").write_text(
+        json.dumps({"id": "x1", "text": "json line one"})
+        + "\n\n"
+        + json.dumps({"text": "json line two"})
+        + "\n"
+    )
     (corpus / "image.png").write_bytes(b"\x89PNG not text")
-    result = train_tokenizer([corpus], tmp_path / "out", vocab_size=300, holdout_fraction=0.0, reference_tokenizers=[])
+    result = train_tokenizer(
+        [corpus], tmp_path / "out", vocab_size=300, holdout_fraction=0.0, reference_tokenizers=[]
+    )
     assert result.corpus.input_files == 5
     assert result.corpus.documents == 6  # the jsonl file holds two documents
     assert result.corpus.skipped_files == [str(corpus / "image.png")]
@@ -212,8 +238,13 @@ def test_smallest_vocab_is_bytes_plus_specials(tmp_path):
 
 def test_custom_special_tokens(tmp_path):
     specials = SpecialTokens(bos="<s>", eos="</s>", pad="<pad>", extra=("<tool>",))
-    result = train_tokenizer(iter(_small_corpus()), tmp_path / "out", vocab_size=300, special_tokens=specials,
-                             reference_tokenizers=[])
+    result = train_tokenizer(
+        iter(_small_corpus()),
+        tmp_path / "out",
+        vocab_size=300,
+        special_tokens=specials,
+        reference_tokenizers=[],
+    )
     info = TokenizerInfo.from_dir(result.output_dir)
     assert (info.bos_id, info.eos_id, info.pad_id, info.special_tokens["<tool>"]) == (0, 1, 2, 5)
 
@@ -231,8 +262,16 @@ def test_error_types_are_user_errors():
         assert issubclass(err, UserError) and issubclass(err, ValueError)
 
 
-@pytest.mark.parametrize("vocab_size,match", [(0, "too small"), (100, "too small"), (260, "too small"),
-                                              (2.5e4, "must be an integer"), (True, "must be an integer")])
+@pytest.mark.parametrize(
+    "vocab_size,match",
+    [
+        (0, "too small"),
+        (100, "too small"),
+        (260, "too small"),
+        (2.5e4, "must be an integer"),
+        (True, "must be an integer"),
+    ],
+)
 def test_vocab_too_small_or_not_int(tmp_path, vocab_size, match):
     with pytest.raises(VocabSizeError, match=f"{match}.*at least 261"):
         train_tokenizer(iter(_small_corpus()), tmp_path / "out", vocab_size=vocab_size)
@@ -272,19 +311,24 @@ def test_nonexistent_and_unsupported_paths(tmp_path):
         train_tokenizer(iter(_small_corpus()), tmp_path / "out", reference_tokenizers=[tmp_path])
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"), "not valid UTF-8"),
-    ("broken.txt.gz", b"\x1f\x8b\x08\x00 this is not gzip data", "cannot read"),
-    ("bad.jsonl", b'{"text": "fine"}\n{not json}\n', r"bad.jsonl:2: not a JSON object"),
-    ("notext.jsonl", b'{"body": "no text field"}\n', 'string "text" field'),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"), "not valid UTF-8"),
+        ("broken.txt.gz", b"\x1f\x8b\x08\x00 this is not gzip data", "cannot read"),
+        ("bad.jsonl", b'{"text": "fine"}\n{not json}\n', r"bad.jsonl:2: not a JSON object"),
+        ("notext.jsonl", b'{"body": "no text field"}\n', 'string "text" field'),
+    ],
+)
 def test_unreadable_files_name_the_file(tmp_path, name, content, match):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "good.txt").write_text("good text " * 50)
     (corpus / name).write_bytes(content)
     with pytest.raises(CorpusError, match=match) as info:
-        train_tokenizer([corpus], tmp_path / "out", vocab_size=300, holdout_fraction=0.0, reference_tokenizers=[])
+        train_tokenizer(
+            [corpus], tmp_path / "out", vocab_size=300, holdout_fraction=0.0, reference_tokenizers=[]
+        )
     assert name in str(info.value)
 
 
@@ -306,7 +350,7 @@ def _cli(monkeypatch, argv):
     """Run the real `lmforge` entry point with only this command registered (other verbs are optional here)."""
     from lmforge import cli
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.commands.tokenizer"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.cli.tokenizer"])
     return cli.main(argv)
 
 
@@ -315,27 +359,48 @@ def test_cli_trains_and_prints_summary(tmp_path, monkeypatch, capsys):
     corpus.mkdir()
     for i, text in enumerate(_small_corpus(20)):
         (corpus / f"doc{i}.txt").write_text(text)
-    code = _cli(monkeypatch, ["tokenizer", "train", "--input", str(corpus), "--output", str(tmp_path / "tok"),
-                              "--vocab-size", "300", "--holdout-fraction", "0.3"])
+    code = _cli(
+        monkeypatch,
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(corpus),
+            "--output",
+            str(tmp_path / "tok"),
+            "--vocab-size",
+            "300",
+            "--holdout-fraction",
+            "0.3",
+        ],
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "vocab size 300" in out and "tokens/word" in out and "smollm2" in out
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--input", "/nonexistent/corpus"], "does not exist"),
-    (["--input", "CORPUS", "--vocab-size", "100"], "vocab_size=100 is too small"),
-    (["--input", "EMPTY"], "corpus is empty"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--input", "/nonexistent/corpus"], "does not exist"),
+        (["--input", "CORPUS", "--vocab-size", "100"], "vocab_size=100 is too small"),
+        (["--input", "EMPTY"], "corpus is empty"),
+    ],
+)
 def test_cli_bad_input_exits_2(tmp_path, monkeypatch, capsys, extra, message):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("some text\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    extra = [str(tmp_path / "corpus") if a == "CORPUS" else str(tmp_path / "empty") if a == "EMPTY" else a
-             for a in extra]
-    code = _cli(monkeypatch, ["tokenizer", "train", "--output", str(tmp_path / "tok"), "--holdout-fraction", "0", *extra])
+    extra = [
+        str(tmp_path / "corpus") if a == "CORPUS" else str(tmp_path / "empty") if a == "EMPTY" else a
+        for a in extra
+    ]
+    code = _cli(
+        monkeypatch,
+        ["tokenizer", "train", "--output", str(tmp_path / "tok"), "--holdout-fraction", "0", *extra],
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("lmforge tokenizer: error:") and message in err and "Traceback" not in err
@@ -346,6 +411,13 @@ def test_cli_help_lists_the_flags(monkeypatch, capsys):
         _cli(monkeypatch, ["tokenizer", "train", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--input", "--output", "--vocab-size", "--min-frequency", "--holdout-fraction", "--reference",
-                 "--no-reference"):
+    for flag in (
+        "--input",
+        "--output",
+        "--vocab-size",
+        "--min-frequency",
+        "--holdout-fraction",
+        "--reference",
+        "--no-reference",
+    ):
         assert flag in help_text

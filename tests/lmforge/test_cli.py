@@ -26,7 +26,9 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "lmforge.cli", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("lmforge ")
 
 

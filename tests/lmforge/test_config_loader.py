@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lmforge.config import apply_overrides, build, load
-from model.config import ConfigError
+from lmforge.model.config import ConfigError
 
 
 @dataclass

@@ -6,13 +6,16 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmforge.commands import generate as generate_cmd
+from lmforge.cli import generate as generate_cmd
 from lmforge.errors import USER_ERRORS
-from model.checkpoint import save_model_dir
-from model.config import ModelConfig
-from model.transformer import Transformer
+from lmforge.model.checkpoint import save_model_dir
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 
-CORPUS = ["The quick brown fox jumps over the lazy dog. 1234 5678.", "Crème brûlée, café — déjà vu! 日本語 🙂"] * 30
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 1234 5678.",
+    "Crème brûlée, café — déjà vu! 日本語 🙂",
+] * 30
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +26,24 @@ def model_dir(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         CORPUS,
-        trainers.BpeTrainer(vocab_size=320, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
     )
     (root / "tok").mkdir()
     tok.save(str(root / "tok" / "tokenizer.json"))
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny", vocab_size=tok.get_vocab_size(), init_std=0.2, tie_embeddings=False,
-                                bos_token_id=0, eos_token_id=1)
+    cfg = ModelConfig.from_name(
+        "tiny",
+        vocab_size=tok.get_vocab_size(),
+        init_std=0.2,
+        tie_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     return save_model_dir(Transformer(cfg).eval(), root / "model", tokenizer_dir=root / "tok")
 
 
@@ -47,7 +60,16 @@ def cli(argv: list[str]) -> int:
 
 
 def test_greedy_is_deterministic_and_streaming_prints_the_same(model_dir, capsys):
-    base = ["--model", str(model_dir), "--prompt", "The quick", "--max-new-tokens", "20", "--temperature", "0"]
+    base = [
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "The quick",
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0",
+    ]
     assert cli(base) == 0
     first = capsys.readouterr().out
     assert cli(base) == 0
@@ -61,8 +83,22 @@ def test_greedy_is_deterministic_and_streaming_prints_the_same(model_dir, capsys
 def test_seeded_sampling_and_prompt_file(model_dir, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Crème brûlée", encoding="utf-8")
-    args = ["--model", str(model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "15",
-            "--temperature", "0.9", "--top-p", "0.9", "--top-k", "50", "--seed", "3"]
+    args = [
+        "--model",
+        str(model_dir),
+        "--prompt-file",
+        str(prompt),
+        "--max-new-tokens",
+        "15",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "3",
+    ]
     assert cli(args) == 0
     a = capsys.readouterr().out
     assert cli(args) == 0

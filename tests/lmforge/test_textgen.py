@@ -6,7 +6,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.errors import UserError
-from lmforge.textgen import (
+from lmforge.model.config import ModelConfig
+from lmforge.model.generation import SamplingParams
+from lmforge.model.transformer import Transformer
+from lmforge.serving.textgen import (
     IncrementalDetokenizer,
     RegexConstraint,
     StopStrings,
@@ -14,9 +17,6 @@ from lmforge.textgen import (
     generate_text,
     stream_text,
 )
-from model.config import ModelConfig
-from model.generation import SamplingParams
-from model.transformer import Transformer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. 1234 5678 2024-05-17.",
@@ -33,8 +33,10 @@ def tokenizer() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=400,
+        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     return tok
@@ -43,7 +45,9 @@ def tokenizer() -> Tokenizer:
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size(), init_std=0.2, tie_embeddings=False, bos_token_id=0)
+    cfg = ModelConfig.from_name(
+        "tiny", vocab_size=tokenizer.get_vocab_size(), init_std=0.2, tie_embeddings=False, bos_token_id=0
+    )
     return Transformer(cfg).eval()
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from model.beam_search import BeamSearchParams, beam_search
-from model.config import ModelConfig
-from model.generation import SamplingParams, SamplingParamsError, generate, score
-from model.transformer import Transformer
+from lmforge.model.beam_search import BeamSearchParams, beam_search
+from lmforge.model.config import ModelConfig
+from lmforge.model.generation import SamplingParams, SamplingParamsError, generate, score
+from lmforge.model.transformer import Transformer
 
 A, B, C, EOS = 0, 1, 2, 3
 
@@ -25,7 +25,9 @@ class BigramLM(nn.Module):
     def __init__(self, probs: list[list[float]], eos: int | None = EOS) -> None:
         super().__init__()
         vocab = len(probs)
-        self.config = ModelConfig(vocab_size=vocab, d_model=8, n_layers=1, n_heads=1, max_seq_len=64, eos_token_id=eos)
+        self.config = ModelConfig(
+            vocab_size=vocab, d_model=8, n_layers=1, n_heads=1, max_seq_len=64, eos_token_id=eos
+        )
         self.logprobs = nn.Parameter(torch.tensor(probs).log(), requires_grad=False)
 
     def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None, last_only=False):
@@ -66,7 +68,9 @@ def test_beam_search_finds_the_best_sequence_greedy_misses(length_penalty, early
     best_score, best_seq = brute_force_best(PROBS, A, max_new=4, length_penalty=length_penalty)
     greedy = generate(model, [A], SamplingParams(max_new_tokens=4, temperature=0)).token_ids
     assert tuple(greedy) != best_seq  # the problem really needs search
-    params = BeamSearchParams(num_beams=3, max_new_tokens=4, length_penalty=length_penalty, early_stopping=early_stopping)
+    params = BeamSearchParams(
+        num_beams=3, max_new_tokens=4, length_penalty=length_penalty, early_stopping=early_stopping
+    )
     top = beam_search(model, [A], params)[0]
     assert top.token_ids == best_seq == (C, EOS)
     assert top.score == pytest.approx(best_score) and top.finished
@@ -101,10 +105,15 @@ def test_returns_several_hypotheses_best_first():
 def test_diverse_groups_start_differently():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny", init_std=0.2, tie_embeddings=False)).eval()
-    plain = beam_search(model, [1, 2, 3], BeamSearchParams(num_beams=4, max_new_tokens=4, num_return_sequences=4))
+    plain = beam_search(
+        model, [1, 2, 3], BeamSearchParams(num_beams=4, max_new_tokens=4, num_return_sequences=4)
+    )
     diverse = beam_search(
-        model, [1, 2, 3],
-        BeamSearchParams(num_beams=4, max_new_tokens=4, num_return_sequences=4, num_beam_groups=4, diversity_penalty=100.0),
+        model,
+        [1, 2, 3],
+        BeamSearchParams(
+            num_beams=4, max_new_tokens=4, num_return_sequences=4, num_beam_groups=4, diversity_penalty=100.0
+        ),
     )
     # one beam per group, each group forced off the tokens earlier groups chose at each step
     assert len({h.token_ids[0] for h in diverse}) == 4
@@ -117,11 +126,18 @@ def test_cache_reordering_matches_the_models_scores():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny", init_std=0.2, tie_embeddings=False)).eval()
     prompt = [5, 6, 7, 8]
-    hyps = beam_search(model, prompt, BeamSearchParams(num_beams=5, max_new_tokens=8, num_return_sequences=5, length_penalty=0.0))
+    hyps = beam_search(
+        model,
+        prompt,
+        BeamSearchParams(num_beams=5, max_new_tokens=8, num_return_sequences=5, length_penalty=0.0),
+    )
     for h in hyps:
         assert h.logprob == pytest.approx(score(model, prompt, list(h.token_ids)).logprob, abs=1e-4)
     one = beam_search(model, prompt, BeamSearchParams(num_beams=1, max_new_tokens=8))[0]
-    assert list(one.token_ids) == generate(model, prompt, SamplingParams(max_new_tokens=8, temperature=0)).token_ids
+    assert (
+        list(one.token_ids)
+        == generate(model, prompt, SamplingParams(max_new_tokens=8, temperature=0)).token_ids
+    )
     assert hyps[0].logprob >= one.logprob - 1e-5
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.config import PRESETS, ConfigError, ModelConfig
+from lmforge.model.config import PRESETS, ConfigError, ModelConfig
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -25,7 +25,7 @@ def test_preset_sizes_match_their_promises():
 def test_num_params_matches_the_module():
     import torch
 
-    from model.transformer import Transformer
+    from lmforge.model.transformer import Transformer
 
     for tie in (True, False):
         cfg = ModelConfig.from_name("tiny", tie_embeddings=tie)

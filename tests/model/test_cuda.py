@@ -8,13 +8,16 @@ in the other files of this folder.
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.engine import Engine
-from model.fused_loss import fused_linear_cross_entropy
-from model.generation import SamplingParams, generate
-from model.transformer import Transformer, cross_entropy_loss
+from lmforge.model.config import ModelConfig
+from lmforge.model.engine import Engine
+from lmforge.model.fused_loss import fused_linear_cross_entropy
+from lmforge.model.generation import SamplingParams, generate
+from lmforge.model.transformer import Transformer, cross_entropy_loss
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
 
@@ -42,7 +45,7 @@ def test_kv_cache_decoding_equals_full_recomputation_on_cuda():
     tokens = generate(model, prompt, GREEDY).token_ids
     ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
     with torch.inference_mode():
-        recomputed = model(ids)[0, len(prompt) - 1:].argmax(-1).tolist()
+        recomputed = model(ids)[0, len(prompt) - 1 :].argmax(-1).tolist()
     assert recomputed == tokens
 
 
@@ -82,7 +85,9 @@ def test_fused_loss_matches_logits_path_under_bf16_autocast_on_cuda():
     weight = (torch.randn(4096, 256, device="cuda") * 0.05).requires_grad_()
     targets = torch.randint(0, 4096, (512,), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fused = fused_linear_cross_entropy(hidden, weight, targets, workspace_bytes=4096 * 4 * 100)  # 6 chunks
+        fused = fused_linear_cross_entropy(
+            hidden, weight, targets, workspace_bytes=4096 * 4 * 100
+        )  # 6 chunks
         reference = cross_entropy_loss(torch.nn.functional.linear(hidden, weight)[None], targets[None])
     assert abs(fused.item() - reference.item()) < 2e-2
     fused.backward()

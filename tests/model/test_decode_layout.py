@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.decode_layout import MatvecLinear, PackedHeadLinear, apply_decode_layout
-from model.generation import SamplingParams, generate_batch
-from model.kv_cache import KVCache
-from model.transformer import Transformer
+from lmforge.model.config import ModelConfig
+from lmforge.model.decode_layout import MatvecLinear, PackedHeadLinear, apply_decode_layout
+from lmforge.model.generation import SamplingParams, generate_batch
+from lmforge.model.kv_cache import KVCache
+from lmforge.model.transformer import Transformer
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
 
@@ -79,5 +79,6 @@ def test_matvec_linear_compiled_single_row_equals_linear():
     with torch.inference_mode():
         for shape in ((1, 1, 48), (1, 48), (3, 48)):  # one row: the reduction; several: the GEMM
             x = torch.randn(shape)
-            torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5
+            )

@@ -6,10 +6,17 @@ import asyncio
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.engine import Engine, EngineDriver, QueueFull
-from model.generation import GenerationOutput, Completion, SamplingParams, SamplingParamsError, collect, generate
-from model.transformer import Transformer
+from lmforge.model.config import ModelConfig
+from lmforge.model.engine import Engine, EngineDriver, QueueFull
+from lmforge.model.generation import (
+    Completion,
+    GenerationOutput,
+    SamplingParams,
+    SamplingParamsError,
+    collect,
+    generate,
+)
+from lmforge.model.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +113,9 @@ def test_cancelling_a_waiting_request(model):
     waiting = engine.submit([2], SamplingParams(max_new_tokens=5, n=1))
     engine.cancel(waiting)
     events = engine.step()
-    assert [(e.request_id, e.finish_reason) for e in events if e.request_id == waiting] == [(waiting, "cancelled")]
+    assert [(e.request_id, e.finish_reason) for e in events if e.request_id == waiting] == [
+        (waiting, "cancelled")
+    ]
     assert engine.num_waiting == 0 and engine.num_running == 1
     assert all(e.request_id == first for e in engine.step())
 
@@ -187,11 +196,13 @@ def test_driver_fails_streams_instead_of_hanging(model):
 def test_compiled_static_shape_engine_matches_eager():
     """compile=True decodes every slot over the full cache with static shapes (what CUDA graphs
     need); it must produce what the eager engine does, also with the decode weight layout."""
-    from model.decode_layout import apply_decode_layout
-    from model.generation import generate_batch
+    from lmforge.model.decode_layout import apply_decode_layout
+    from lmforge.model.generation import generate_batch
 
     torch.manual_seed(0)
-    model = apply_decode_layout(Transformer(ModelConfig.from_name("tiny", init_std=0.2, vocab_size=8192)).eval())
+    model = apply_decode_layout(
+        Transformer(ModelConfig.from_name("tiny", init_std=0.2, vocab_size=8192)).eval()
+    )
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
     eager = [o.token_ids for o in generate_batch(model, prompts, greedy(8))]
     compiled = [o.token_ids for o in generate_batch(model, prompts, greedy(8), compile=True)]
@@ -224,7 +235,7 @@ def test_compiled_engines_side_by_side_keep_their_own_models_and_caches():
     """Compiled engines share one decode function's code, and after warm-up Dynamo's guards are
     skipped: interleaved steps of engines over different weights, depths and caches must still
     each produce their own model's eager output (an A/B split serves two versions this way)."""
-    from model.generation import generate
+    from lmforge.model.generation import generate
 
     def tiny(seed: int, **overrides) -> Transformer:
         torch.manual_seed(seed)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig
-from model.fused_loss import fused_linear_cross_entropy, release_workspaces
-from model.transformer import Transformer, cross_entropy_loss
+from lmforge.model.config import ModelConfig
+from lmforge.model.fused_loss import fused_linear_cross_entropy, release_workspaces
+from lmforge.model.transformer import Transformer, cross_entropy_loss
 
 
 def reference(hidden, weight, targets, ignore_index=-100):
@@ -18,7 +18,9 @@ def leaves(*tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-@pytest.mark.parametrize("workspace_bytes", [64 << 20, 100 * 4 * 7])  # one chunk; chunks of 7 tokens (ragged end)
+@pytest.mark.parametrize(
+    "workspace_bytes", [64 << 20, 100 * 4 * 7]
+)  # one chunk; chunks of 7 tokens (ragged end)
 def test_loss_and_gradients_match_reference(workspace_bytes):
     torch.manual_seed(0)
     h0, w0 = torch.randn(3, 20, 16), torch.randn(100, 16) * 0.3
@@ -76,7 +78,9 @@ def test_second_backward_through_the_same_graph_is_refused():
 
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="token dimensions"):
-        fused_linear_cross_entropy(torch.randn(2, 5, 4), torch.randn(10, 4), torch.zeros(2, 4, dtype=torch.long))
+        fused_linear_cross_entropy(
+            torch.randn(2, 5, 4), torch.randn(10, 4), torch.zeros(2, 4, dtype=torch.long)
+        )
     with pytest.raises(ValueError, match="hidden size 4"):
         fused_linear_cross_entropy(torch.randn(2, 4), torch.randn(10, 3), torch.zeros(2, dtype=torch.long))
 

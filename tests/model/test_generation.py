@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.constrained import AllowedTokens
-from model.generation import (
+from lmforge.model.config import ModelConfig
+from lmforge.model.constrained import AllowedTokens
+from lmforge.model.generation import (
     SamplingParams,
     SamplingParamsError,
     apply_penalties,
@@ -21,7 +21,7 @@ from model.generation import (
     top_k_filter,
     top_p_filter,
 )
-from model.transformer import Transformer
+from lmforge.model.transformer import Transformer
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
@@ -47,7 +47,7 @@ def full_recompute_greedy(model, prompt, steps):
 @pytest.mark.slow  # importing transformers takes seconds
 def test_greedy_matches_hugging_face_generate(model, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from model.checkpoint import save_model_dir
+    from lmforge.model.checkpoint import save_model_dir
 
     save_model_dir(model, tmp_path / "m")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
@@ -75,10 +75,14 @@ def test_seeded_sampling_reproduces_and_samples_share_prefill(model):
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=123)
     a, b = generate(model, PROMPTS[0], params), generate(model, PROMPTS[0], params)
     assert a.token_ids == b.token_ids
-    other = generate(model, PROMPTS[0], SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=124))
+    other = generate(
+        model, PROMPTS[0], SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=124)
+    )
     assert other.token_ids != a.token_ids
     # n samples share one prefill; sample i is seeded with seed + i, so it equals a run with that seed
-    many = generate(model, PROMPTS[0], SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=123, n=3))
+    many = generate(
+        model, PROMPTS[0], SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=123, n=3)
+    )
     assert many.completions[0].token_ids == a.token_ids
     assert many.completions[1].token_ids == other.token_ids
     assert len({tuple(c.token_ids) for c in many.completions}) == 3
@@ -91,7 +95,9 @@ def test_stop_token_ids_end_the_sequence(model):
     free = generate(model, PROMPTS[0], GREEDY).token_ids
     stop_at = free[4]
     first = free.index(stop_at)
-    out = generate(model, PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop_at,)))
+    out = generate(
+        model, PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop_at,))
+    )
     assert out.token_ids == free[: first + 1]
     assert out.completions[0].finish_reason == "stop"
 
@@ -132,7 +138,10 @@ def test_invalid_sampling_params_name_the_field(kwargs, field):
 
 def test_max_new_tokens_beyond_context_is_refused(model):
     context = model.config.max_seq_len
-    with pytest.raises(SamplingParamsError, match=r"max_new_tokens=250 plus the prompt's 10 tokens exceeds the context of 256"):
+    with pytest.raises(
+        SamplingParamsError,
+        match=r"max_new_tokens=250 plus the prompt's 10 tokens exceeds the context of 256",
+    ):
         generate(model, list(range(10)), SamplingParams(max_new_tokens=250))
     with pytest.raises(SamplingParamsError, match="prompt is empty"):
         generate(model, [], SamplingParams())
@@ -166,7 +175,9 @@ def test_repetition_penalty_prevents_repeats(model):
     params = SamplingParams(max_new_tokens=20, temperature=0, repetition_penalty=1e6)
     out = generate(model, PROMPTS[0], params).token_ids
     assert len(set(out)) == len(out) and not set(out) & set(PROMPTS[0])
-    assert len(set(generate(model, PROMPTS[0], SamplingParams(max_new_tokens=20, temperature=0)).token_ids)) < 20
+    assert (
+        len(set(generate(model, PROMPTS[0], SamplingParams(max_new_tokens=20, temperature=0)).token_ids)) < 20
+    )
 
 
 def test_top_k_one_is_greedy(model):
@@ -223,7 +234,9 @@ def test_stream_yields_tokens_in_order_and_stops_when_closed(model):
 def test_allow_list_constraint(model):
     allowed = [10, 20, 30]
     constraint = AllowedTokens(allowed, vocab_size=1024)
-    out = generate(model, PROMPTS[0], SamplingParams(max_new_tokens=8, temperature=1.0, seed=1), constraint=constraint)
+    out = generate(
+        model, PROMPTS[0], SamplingParams(max_new_tokens=8, temperature=1.0, seed=1), constraint=constraint
+    )
     assert len(out.token_ids) == 8 and set(out.token_ids) <= set(allowed)
     short = AllowedTokens(allowed, vocab_size=1024, max_tokens=2)
     out = generate(model, PROMPTS[0], SamplingParams(max_new_tokens=8, temperature=0), constraint=short)

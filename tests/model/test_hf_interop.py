@@ -9,14 +9,16 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency used to verify interop")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is a dev dependency used to verify interop"
+)
 
-from components.hf_interop import export_hf, import_hf  # noqa: E402
+from lmforge.components.hf_interop import export_hf, import_hf  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
-from model.checkpoint import ModelDirError, load_model_dir, save_model_dir  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.hf_format import UnsupportedArchitecture  # noqa: E402
-from model.transformer import Transformer  # noqa: E402
+from lmforge.model.checkpoint import ModelDirError, load_model_dir, save_model_dir  # noqa: E402
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.hf_format import UnsupportedArchitecture  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
 
 
 def _hf_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -29,10 +31,16 @@ def _write_tokenizer(directory: Path, vocab_size: int = 300) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|eos|>"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|eos|>"})
+    )
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
@@ -55,9 +63,18 @@ def test_lmforge_model_loads_in_transformers_with_equal_logits(tmp_path, tie):
 def test_transformers_llama_checkpoint_imports_with_equal_logits(tmp_path, tie):
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=50000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=tie, eos_token_id=[1, 2], bos_token_id=0,
+        vocab_size=512,
+        hidden_size=96,
+        intermediate_size=200,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        eos_token_id=[1, 2],
+        bos_token_id=0,
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
@@ -89,8 +106,14 @@ def test_export_writes_a_clean_hf_directory_with_dtype(tmp_path):
 
 def test_sharded_checkpoint_loads(tmp_path):
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=64)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
@@ -115,7 +138,13 @@ def test_pickled_weights_are_refused(tmp_path):
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}, "rope_scaling": {"rope_type": "llama3"}}, "rope"),
+        (
+            {
+                "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5},
+                "rope_scaling": {"rope_type": "llama3"},
+            },
+            "rope",
+        ),
         ({"sliding_window": 4096}, "sliding_window"),
         ({"num_key_value_heads": 3}, "n_kv_heads"),
     ],

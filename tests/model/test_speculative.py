@@ -4,10 +4,10 @@ rule leaves the target's sampling distribution unchanged."""
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.generation import SamplingParams, SamplingParamsError, generate
-from model.speculative import accept_or_resample, speculative_generate
-from model.transformer import Transformer
+from lmforge.model.config import ModelConfig
+from lmforge.model.generation import SamplingParams, SamplingParamsError, generate
+from lmforge.model.speculative import accept_or_resample, speculative_generate
+from lmforge.model.transformer import Transformer
 
 
 def tiny(seed: int, **overrides) -> Transformer:
@@ -62,7 +62,9 @@ def test_accept_or_resample_preserves_the_target_distribution():
     assert torch.allclose(empirical, p, atol=0.006), empirical
     # acceptance probability is sum_x min(p, q) = 0.1 + 0.1 + 0.15 + 0.1 + 0.05 + 0 = 0.5
     assert accepted.float().mean().item() == pytest.approx(0.5, abs=0.006)
-    same = accept_or_resample(p.expand(1000, -1), p.expand(1000, -1), torch.multinomial(p, 1000, True, generator=gen), gen)[0]
+    same = accept_or_resample(
+        p.expand(1000, -1), p.expand(1000, -1), torch.multinomial(p, 1000, True, generator=gen), gen
+    )[0]
     assert same.all()  # a draft equal to the target is always accepted
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig
-from model.kv_cache import KVCache
-from model.transformer import Transformer, apply_activation_checkpointing, cross_entropy_loss
+from lmforge.model.config import ModelConfig
+from lmforge.model.kv_cache import KVCache
+from lmforge.model.transformer import Transformer, apply_activation_checkpointing, cross_entropy_loss
 
 
 @pytest.fixture
@@ -48,7 +48,9 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny, per_row):
         steps = [tiny(x[:, :10], positions=pos.expand(2, 10) if per_row else pos, kv_cache=cache)]
         for t in range(10, 24):
             pos = torch.tensor([t])
-            steps.append(tiny(x[:, t : t + 1], positions=pos.expand(2, 1) if per_row else pos, kv_cache=cache))
+            steps.append(
+                tiny(x[:, t : t + 1], positions=pos.expand(2, 1) if per_row else pos, kv_cache=cache)
+            )
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -148,7 +150,7 @@ def test_last_only_returns_the_last_positions_logits(tiny):
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_decode_attention_equals_sdpa_with_a_mask(kv_heads):
     """The reduction form used by compiled CPU decode steps is the same math as masked SDPA."""
-    from model.transformer import decode_attention
+    from lmforge.model.transformer import decode_attention
 
     torch.manual_seed(0)
     B, H, S, D = 3, 4, 11, 16

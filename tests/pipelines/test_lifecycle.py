@@ -7,8 +7,8 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.config import load
-from model.config import ConfigError
-from pipelines.lifecycle import LifecycleConfig, run_lifecycle
+from lmforge.model.config import ConfigError
+from lmforge.pipelines.lifecycle import LifecycleConfig, run_lifecycle
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,9 @@ def test_run_lifecycle_ends_with_a_registered_model_and_samples(repo_root, tmp_p
     assert list(record) == ["curate", "tokenizer", "tokenize", "pretrain", "register", "generate"]
     assert record["curate"]["documents_kept"] > 0
     assert record["tokenize"]["train_tokens"] > 0
-    assert (result.model_dir / "model.safetensors").is_file() and (result.model_dir / "tokenizer.json").is_file()
+    assert (result.model_dir / "model.safetensors").is_file() and (
+        result.model_dir / "tokenizer.json"
+    ).is_file()
     assert result.registered == "models:/lmforge-demo@candidate"
 
     from mlflow import MlflowClient

@@ -19,30 +19,39 @@ TEXTS = [
 ] * 20
 
 
-def make_model_dir(root: Path, tokenizer_dir: Path, seed: int, name: str = "tiny-model",
-                   max_seq_len: int = 128) -> Path:
+def make_model_dir(
+    root: Path, tokenizer_dir: Path, seed: int, name: str = "tiny-model", max_seq_len: int = 128
+) -> Path:
     """A tiny random model whose vocabulary matches the tokenizer; `seed` makes versions differ."""
-    from components.tokenizer import TokenizerInfo
-    from model.checkpoint import save_model_dir
-    from model.config import ModelConfig
-    from model.transformer import Transformer
+    from lmforge.components.tokenizer import TokenizerInfo
+    from lmforge.model.checkpoint import save_model_dir
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
 
     info = TokenizerInfo.from_dir(tokenizer_dir)
     torch.manual_seed(seed)
     # a larger init makes the random logits peaked, so greedy choices are far from ties
-    cfg = ModelConfig.from_name("tiny", vocab_size=info.vocab_size, max_seq_len=max_seq_len, init_std=0.3,
-                                bos_token_id=info.bos_id, eos_token_id=info.eos_id, pad_token_id=info.pad_id)
+    cfg = ModelConfig.from_name(
+        "tiny",
+        vocab_size=info.vocab_size,
+        max_seq_len=max_seq_len,
+        init_std=0.3,
+        bos_token_id=info.bos_id,
+        eos_token_id=info.eos_id,
+        pad_token_id=info.pad_id,
+    )
     model = Transformer(cfg).eval()
     return save_model_dir(model, root / name, tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from components.tokenizer import train_tokenizer
+    from lmforge.components.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("serving-tokenizer")
-    train_tokenizer(iter(TEXTS), out, vocab_size=400, min_frequency=2, holdout_fraction=0.0,
-                    reference_tokenizers=[])
+    train_tokenizer(
+        iter(TEXTS), out, vocab_size=400, min_frequency=2, holdout_fraction=0.0, reference_tokenizers=[]
+    )
     return out
 
 
@@ -67,7 +76,7 @@ def _no_ambient_keys(monkeypatch):
 @dataclass
 class Registry:
     tracking_uri: str
-    client: object  # serving.registry.RegistryClient
+    client: object  # lmforge.registry.RegistryClient
     name: str
     versions: dict[str, Path]  # version -> the model directory registered as it
 
@@ -76,7 +85,7 @@ class Registry:
 def registry(tmp_path_factory, tokenizer_dir) -> Registry:
     """A real MLflow registry (sqlite + local artifacts) holding two versions of "tiny"; the alias
     "champion" points at version 1. Tests that move the alias put it back."""
-    from serving.registry import RegistryClient
+    from lmforge.registry import RegistryClient
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -84,7 +93,9 @@ def registry(tmp_path_factory, tokenizer_dir) -> Registry:
     dirs = {}
     for seed in (0, 1):
         # a longer context than the other fixtures: long generations stay in flight across a swap
-        model_dir = make_model_dir(root / "src", tokenizer_dir, seed, name=f"tiny-v{seed + 1}", max_seq_len=1024)
+        model_dir = make_model_dir(
+            root / "src", tokenizer_dir, seed, name=f"tiny-v{seed + 1}", max_seq_len=1024
+        )
         version = client.register_model_dir(model_dir, "tiny", alias="champion" if seed == 0 else None)
         dirs[version.version] = model_dir
     assert sorted(dirs) == ["1", "2"]

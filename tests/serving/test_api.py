@@ -12,20 +12,24 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmforge.textgen import generate_text
-from model.checkpoint import load_model_dir
-from model.generation import SamplingParams, score
-from serving.api import APIService, LocalBackend, create_app
-from serving.config import ServeConfig, build_serve_config
-from serving.model_server import ModelLoadError, ModelServer
-from serving.protocol import GenerationRequest
-from serving.runner import ModelRunner
+from lmforge.model.checkpoint import load_model_dir
+from lmforge.model.generation import SamplingParams, score
+from lmforge.serving.api import APIService, LocalBackend, create_app
+from lmforge.serving.config import ServeConfig, build_serve_config
+from lmforge.serving.model_server import ModelLoadError, ModelServer
+from lmforge.serving.protocol import GenerationRequest
+from lmforge.serving.runner import ModelRunner
+from lmforge.serving.textgen import generate_text
 
 MODEL = "tiny-model"
 
 
 def make_config(model_dir, **values) -> ServeConfig:
-    data = {"model": str(model_dir), "registry_poll_s": 0, "engine": {"num_slots": 4, "max_queue": 8}} | values
+    data = {
+        "model": str(model_dir),
+        "registry_poll_s": 0,
+        "engine": {"num_slots": 4, "max_queue": 8},
+    } | values
     return build_serve_config(data)
 
 
@@ -54,7 +58,9 @@ def reference(model_dir):
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
     def generate(prompt: str, max_tokens: int, stop=(), stop_token_ids=()):
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=tuple(stop_token_ids))
+        params = SamplingParams(
+            max_new_tokens=max_tokens, temperature=0, stop_token_ids=tuple(stop_token_ids)
+        )
         return generate_text(model, tokenizer, prompt, params, stop=stop)
 
     generate.model, generate.tokenizer = model, tokenizer
@@ -66,22 +72,28 @@ def sse_events(text: str) -> list:
     lines = [line for line in text.split("\n") if line]
     assert all(line.startswith("data: ") for line in lines), lines
     assert lines[-1] == "data: [DONE]"
-    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
 
 
 # ---- successful requests --------------------------------------------------------------------------
-@pytest.mark.parametrize("prompt, max_tokens", [("The quick brown", 12), ("def add(", 20), ("Héllo wörld", 7)])
+@pytest.mark.parametrize(
+    "prompt, max_tokens", [("The quick brown", 12), ("def add(", 20), ("Héllo wörld", 7)]
+)
 def test_completion_equals_in_process_generation(client, reference, prompt, max_tokens):
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
-                                             "temperature": 0})
+    r = client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     expected = reference(prompt, max_tokens)
     choice = body["choices"][0]
     assert choice["text"] == expected.text
     assert choice["finish_reason"] == expected.finish_reason
-    assert body["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": len(expected.token_ids),
-                             "total_tokens": expected.prompt_tokens + len(expected.token_ids)}
+    assert body["usage"] == {
+        "prompt_tokens": expected.prompt_tokens,
+        "completion_tokens": len(expected.token_ids),
+        "total_tokens": expected.prompt_tokens + len(expected.token_ids),
+    }
     assert body["object"] == "text_completion" and body["model"] == MODEL
     assert r.headers["x-lmforge-model-version"] == MODEL
 
@@ -89,24 +101,31 @@ def test_completion_equals_in_process_generation(client, reference, prompt, max_
 def test_streaming_matches_the_full_response(client):
     request = {"model": MODEL, "prompt": "Serving language", "max_tokens": 15, "temperature": 0}
     full = client.post("/v1/completions", json=request).json()
-    r = client.post("/v1/completions", json=request | {"stream": True, "stream_options": {"include_usage": True}})
+    r = client.post(
+        "/v1/completions", json=request | {"stream": True, "stream_options": {"include_usage": True}}
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     text = "".join(c["text"] for e in events for c in e["choices"])
     assert text == full["choices"][0]["text"]
-    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == \
-        [full["choices"][0]["finish_reason"]]
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == [
+        full["choices"][0]["finish_reason"]
+    ]
     assert events[-1]["choices"] == [] and events[-1]["usage"] == full["usage"]
 
 
 def test_chat_uses_the_tokenizer_chat_template(client, reference, model_dir):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 10,
-                                                  "temperature": 0})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 10, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
-        "<|im_start|>assistant\n"
+    rendered = (
+        "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        + "<|im_start|>assistant\n"
+    )
     im_end = reference.tokenizer.token_to_id("<|im_end|>")
     expected = reference(rendered, 10, stop_token_ids=(im_end,))
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
@@ -114,14 +133,21 @@ def test_chat_uses_the_tokenizer_chat_template(client, reference, model_dir):
     assert body["usage"]["prompt_tokens"] == expected.prompt_tokens
     # content given as a list of text parts (what the OpenAI SDK also sends) renders the same
     parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-    r2 = client.post("/v1/chat/completions", json={"model": MODEL, "messages": parts, "max_tokens": 10,
-                                                   "temperature": 0})
+    r2 = client.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": parts, "max_tokens": 10, "temperature": 0}
+    )
     assert r2.json()["choices"][0]["message"] == body["choices"][0]["message"]
 
 
 def test_chat_streaming_and_logprobs(client):
-    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
-               "logprobs": True, "top_logprobs": 3}
+    request = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
     full = client.post("/v1/chat/completions", json=request).json()
     content = full["choices"][0]["logprobs"]["content"]
     assert len(content) == full["usage"]["completion_tokens"]
@@ -141,15 +167,29 @@ def test_stop_strings_cut_the_text(client, reference):
     assert len(base.text) > 6
     stop = base.text[3:6]
     first = base.text.find(stop)
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "The quick brown", "max_tokens": 30,
-                                             "temperature": 0, "stop": [stop, "never-appears"]})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "The quick brown",
+            "max_tokens": 30,
+            "temperature": 0,
+            "stop": [stop, "never-appears"],
+        },
+    )
     choice = r.json()["choices"][0]
     assert choice["text"] == base.text[:first] and choice["finish_reason"] == "stop"
 
 
 def test_n_choices_and_seed_are_reproducible(client):
-    request = {"model": MODEL, "prompt": "Private domain", "max_tokens": 8, "temperature": 1.0, "n": 3,
-               "seed": 1234}
+    request = {
+        "model": MODEL,
+        "prompt": "Private domain",
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "n": 3,
+        "seed": 1234,
+    }
     a, b = (client.post("/v1/completions", json=request).json() for _ in range(2))
     assert [c["index"] for c in a["choices"]] == [0, 1, 2]
     assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
@@ -158,8 +198,10 @@ def test_n_choices_and_seed_are_reproducible(client):
 
 def test_batch_of_prompts_and_token_prompts(client, reference):
     ids = reference.tokenizer.encode("The quick").ids
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": [[ids[0]] + ids, ids], "max_tokens": 4,
-                                             "temperature": 0, "n": 2})
+    r = client.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": [[ids[0]] + ids, ids], "max_tokens": 4, "temperature": 0, "n": 2},
+    )
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy: both choices agree
@@ -168,8 +210,10 @@ def test_batch_of_prompts_and_token_prompts(client, reference):
 def test_echo_with_logprobs_scores_the_prompt(client, reference):
     """What lm-evaluation-harness's local-completions loglikelihood requests send."""
     ids = [reference.model.config.bos_token_id] + reference.tokenizer.encode("The quick brown fox").ids
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True,
-                                             "logprobs": 1, "temperature": 0})
+    r = client.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     lp = r.json()["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
@@ -195,33 +239,92 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 2.5}, 400, "temperature", None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n", None),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 9}, 400, "n", None),  # more than the engine's slots
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "n": 9},
+        400,
+        "n",
+        None,
+    ),  # more than the engine's slots
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs", None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -1}, 400, "seed", None),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
+        400,
+        "stop",
+        None,
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "stop", None),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias",
-     "unsupported_parameter"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1}},
+        400,
+        "logit_bias",
+        "unsupported_parameter",
+    ),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "suffix": "x"},
+        400,
+        "suffix",
+        "unsupported_parameter",
+    ),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "best_of": 3},
+        400,
+        "best_of",
+        "unsupported_parameter",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "frobnicate": True}, 400, "frobnicate", None),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 500}, 400, "max_tokens",
-     "context_length_exceeded"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "max_tokens": 500},
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 200}, 400, "prompt", "context_length_exceeded"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", None),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages",
-     None),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     400, "messages", None),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "messages",
+        None,
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages",
+        None,
+    ),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages", None),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
-     400, "top_logprobs", None),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 300}]}, 400,
-     "messages", "context_length_exceeded"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                              "tools": [{"type": "function"}]}, 400, "tools", None),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+        None,
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 300}]},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        400,
+        "tools",
+        None,
+    ),
 ]
 
 
@@ -239,8 +342,11 @@ def test_bad_requests_get_4xx_error_objects(client, path, body, status, param, c
 
 
 def test_body_too_large_is_413(client):
-    r = client.post("/v1/completions", content=b'{"model": "x", "prompt": "' + b"a" * 1_100_000 + b'"}',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/completions",
+        content=b'{"model": "x", "prompt": "' + b"a" * 1_100_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
@@ -265,27 +371,45 @@ def test_health_ready_models_openapi(client):
     assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
     assert client.get("/v1/models/other").status_code == 404
     spec = client.get("/openapi.json").json()
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"} <= set(spec["paths"])
-    body_ref = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"} <= set(
+        spec["paths"]
+    )
+    body_ref = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     assert body_ref["$ref"].endswith("/CompletionRequest")
     assert "max_tokens" in spec["components"]["schemas"]["CompletionRequest"]["properties"]
 
 
 def test_metrics_parse_with_prometheus_parser(client):
-    client.post("/v1/completions", json={"model": MODEL, "prompt": "metrics", "max_tokens": 5, "temperature": 0})
+    client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "metrics", "max_tokens": 5, "temperature": 0}
+    )
     client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
-    for name in ("lmforge_http_requests", "lmforge_http_request_duration_seconds",
-                 "lmforge_time_to_first_token_seconds", "lmforge_inter_token_latency_seconds",
-                 "lmforge_generated_tokens", "lmforge_engine_queue_depth", "lmforge_engine_running_sequences",
-                 "lmforge_engine_kv_cache_usage_ratio", "lmforge_engine_slots"):
+    for name in (
+        "lmforge_http_requests",
+        "lmforge_http_request_duration_seconds",
+        "lmforge_time_to_first_token_seconds",
+        "lmforge_inter_token_latency_seconds",
+        "lmforge_generated_tokens",
+        "lmforge_engine_queue_depth",
+        "lmforge_engine_running_sequences",
+        "lmforge_engine_kv_cache_usage_ratio",
+        "lmforge_engine_slots",
+    ):
         assert name in families, name
-    requests = {(s.labels["endpoint"], s.labels["status"]): s.value for s in families["lmforge_http_requests"].samples
-                if s.name == "lmforge_http_requests_total"}
+    requests = {
+        (s.labels["endpoint"], s.labels["status"]): s.value
+        for s in families["lmforge_http_requests"].samples
+        if s.name == "lmforge_http_requests_total"
+    }
     assert requests[("/v1/completions", "200")] >= 1 and requests[("/v1/completions", "404")] >= 1
     slots = [s for s in families["lmforge_engine_slots"].samples]
     assert slots[0].value == 4 and slots[0].labels["variant"] == "a"
-    generated = sum(s.value for s in families["lmforge_generated_tokens"].samples if s.name.endswith("_total"))
+    generated = sum(
+        s.value for s in families["lmforge_generated_tokens"].samples if s.name.endswith("_total")
+    )
     assert generated >= 5
 
 
@@ -344,8 +468,14 @@ def test_queue_full_is_503_with_retry_after(model_dir):
         c = make_client(cfg, {"a": s})
 
         async def hold(prompt: str):
-            agen = s.generate(GenerationRequest(f"hold-{prompt}", prompt=prompt, max_tokens=100,
-                                                sampling={"temperature": 0.0, "ignore_eos": True}))
+            agen = s.generate(
+                GenerationRequest(
+                    f"hold-{prompt}",
+                    prompt=prompt,
+                    max_tokens=100,
+                    sampling={"temperature": 0.0, "ignore_eos": True},
+                )
+            )
             assert (await agen.__anext__())["type"] == "start"
             return agen
 
@@ -359,7 +489,10 @@ def test_queue_full_is_503_with_retry_after(model_dir):
         for agen in (first, second):
             loop.run_until_complete(agen.aclose())
         _wait_for(lambda: s.current.engine.num_running == 0 and s.current.engine.num_waiting == 0)
-        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "four", "max_tokens": 2}).status_code == 200
+        assert (
+            c.post("/v1/completions", json={"model": MODEL, "prompt": "four", "max_tokens": 2}).status_code
+            == 200
+        )
         loop.close()
     finally:
         s.close()
@@ -371,8 +504,11 @@ def test_disconnect_cancels_generation_and_frees_the_slot(model_dir):
         _slow_down(s.current, 0.01)
 
         async def partial_read():
-            agen = s.generate(GenerationRequest("gone", prompt="hello", max_tokens=120,
-                                                sampling={"temperature": 0.0, "ignore_eos": True}))
+            agen = s.generate(
+                GenerationRequest(
+                    "gone", prompt="hello", max_tokens=120, sampling={"temperature": 0.0, "ignore_eos": True}
+                )
+            )
             kinds = [(await agen.__anext__())["type"] for _ in range(3)]
             await agen.aclose()  # what a client disconnect does to the stream
             return kinds
@@ -391,11 +527,19 @@ def test_ab_split_routes_by_weight_and_sticks_per_user(model_dir, model_dir_v2, 
     b = ModelServer(cfg, "b")
     try:
         c = make_client(cfg, {"a": server, "b": b})
-        variants = [c.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 1}).headers
-                    ["x-lmforge-variant"] for _ in range(40)]
+        variants = [
+            c.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 1}).headers[
+                "x-lmforge-variant"
+            ]
+            for _ in range(40)
+        ]
         assert 5 <= variants.count("b") <= 35  # weight 0.5: both versions get traffic
-        sticky = {c.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 1,
-                                                  "user": "alice"}).headers["x-lmforge-variant"] for _ in range(10)}
+        sticky = {
+            c.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 1, "user": "alice"}
+            ).headers["x-lmforge-variant"]
+            for _ in range(10)
+        }
         assert len(sticky) == 1
         ready = c.get("/ready").json()
         assert set(ready["variants"]) == {"a", "b"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from lmforge.cli import build_parser, main
-from serving.config import build_serve_config
+from lmforge.serving.config import build_serve_config
 
 
 def test_serve_is_a_registered_command():
@@ -30,10 +30,31 @@ def test_write_serve_config(tmp_path):
     out = tmp_path / "serve_config.yaml"
     cfg_file = tmp_path / "serve.yaml"
     cfg_file.write_text("engine:\n  num_slots: 16\nrate_limit_per_minute: 60\n")
-    assert main(["serve", "--model", "models:/bot@champion", "--config", str(cfg_file), "--host", "0.0.0.0",
-                 "--allow-unauthenticated", "--set", "replicas=2", "--write-serve-config", str(out)]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                "models:/bot@champion",
+                "--config",
+                str(cfg_file),
+                "--host",
+                "0.0.0.0",
+                "--allow-unauthenticated",
+                "--set",
+                "replicas=2",
+                "--write-serve-config",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = yaml.safe_load(out.read_text())
     cfg = build_serve_config(doc["applications"][0]["args"])
     assert (cfg.model, cfg.engine.num_slots, cfg.replicas, cfg.rate_limit_per_minute) == (
-        "models:/bot@champion", 16, 2, 60)
+        "models:/bot@champion",
+        16,
+        2,
+        60,
+    )
     assert cfg.allow_unauthenticated and doc["http_options"]["host"] == "0.0.0.0"

@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from model.config import ConfigError
-from serving.app import serve_config, serve_config_yaml
-from serving.auth import Authenticator, AuthConfigError, AuthError, RateLimiter, fingerprint, read_keys
-from serving.config import ServeConfig, build_serve_config, is_loopback, load_serve_config
+from lmforge.model.config import ConfigError
+from lmforge.serving.app import serve_config, serve_config_yaml
+from lmforge.serving.auth import (
+    AuthConfigError,
+    Authenticator,
+    AuthError,
+    RateLimiter,
+    fingerprint,
+    read_keys,
+)
+from lmforge.serving.config import ServeConfig, build_serve_config, is_loopback, load_serve_config
 
 
 def test_defaults_and_derived_values(tmp_path):
@@ -20,19 +27,22 @@ def test_defaults_and_derived_values(tmp_path):
     assert ServeConfig(model="models:/bot/3", served_model_name="x").model_id == "x"
 
 
-@pytest.mark.parametrize("data, field", [
-    ({}, "model"),
-    ({"model": "models:/bot"}, "model"),
-    ({"model": "models:/@alias"}, "model"),
-    ({"model": "m", "port": 70000}, "port"),
-    ({"model": "m", "engine": {"num_slots": 0}}, "engine.num_slots"),
-    ({"model": "m", "engine": {"dtype": "int3"}}, "engine.dtype"),
-    ({"model": "m", "ab_test": {"model": "models:/b@x", "weight": 1.5}}, "ab_test.weight"),
-    ({"model": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling.max_replicas"),
-    ({"model": "m", "rate_limit_per_minute": -1}, "rate_limit_per_minute"),
-    ({"model": "m", "max_queued_requests": 0}, "max_queued_requests"),
-    ({"model": "m", "no_such_field": 1}, "no_such_field"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({}, "model"),
+        ({"model": "models:/bot"}, "model"),
+        ({"model": "models:/@alias"}, "model"),
+        ({"model": "m", "port": 70000}, "port"),
+        ({"model": "m", "engine": {"num_slots": 0}}, "engine.num_slots"),
+        ({"model": "m", "engine": {"dtype": "int3"}}, "engine.dtype"),
+        ({"model": "m", "ab_test": {"model": "models:/b@x", "weight": 1.5}}, "ab_test.weight"),
+        ({"model": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling.max_replicas"),
+        ({"model": "m", "rate_limit_per_minute": -1}, "rate_limit_per_minute"),
+        ({"model": "m", "max_queued_requests": 0}, "max_queued_requests"),
+        ({"model": "m", "no_such_field": 1}, "no_such_field"),
+    ],
+)
 def test_invalid_configs_name_the_field(data, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build_serve_config(data)
@@ -40,8 +50,10 @@ def test_invalid_configs_name_the_field(data, field):
 
 def test_load_with_file_overrides_and_flags(tmp_path):
     f = tmp_path / "serve.yaml"
-    f.write_text("model: models:/bot@champion\nengine:\n  num_slots: 4\nab_test:\n  model: models:/bot@challenger\n"
-                 "  weight: 0.25\n")
+    f.write_text(
+        "model: models:/bot@champion\nengine:\n  num_slots: 4\nab_test:\n  model: models:/bot@challenger\n"
+        "  weight: 0.25\n"
+    )
     cfg = load_serve_config(f, overrides=["engine.max_queue=3"], port=9000, host=None)
     assert (cfg.engine.num_slots, cfg.engine.max_queue, cfg.port, cfg.host) == (4, 3, 9000, "127.0.0.1")
     assert cfg.variants == {"a": "models:/bot@champion", "b": "models:/bot@challenger"}
@@ -51,14 +63,14 @@ def test_serve_config_yaml_round_trips_into_the_app_args(tmp_path, repo_root):
     cfg = ServeConfig(model="models:/bot@champion", host="0.0.0.0", api_keys_file="/secrets/keys")
     doc = yaml.safe_load(serve_config_yaml(cfg))
     app = doc["applications"][0]
-    assert app["import_path"] == "serving.app:app_builder"
+    assert app["import_path"] == "lmforge.serving.app:app_builder"
     assert build_serve_config(app["args"]) == cfg
     assert doc["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert serve_config(cfg)["applications"][0]["args"] == app["args"]
     # the static example shipped for `serve run` / KubeRay is valid too
     example = yaml.safe_load((repo_root / "serving" / "serve_config.yaml").read_text())
     for application in example["applications"]:
-        assert application["import_path"] == "serving.app:app_builder"
+        assert application["import_path"] == "lmforge.serving.app:app_builder"
         build_serve_config(application["args"])
 
 
@@ -81,7 +93,9 @@ def test_secure_default_refuses_open_non_loopback(tmp_path):
     assert open_local.open_access and "loopback" in open_local.describe("127.0.0.1")
     with pytest.raises(AuthConfigError, match="allow-unauthenticated"):
         Authenticator.from_config(ServeConfig(model="m", host="0.0.0.0"))
-    assert Authenticator.from_config(ServeConfig(model="m", host="0.0.0.0", allow_unauthenticated=True)).open_access
+    assert Authenticator.from_config(
+        ServeConfig(model="m", host="0.0.0.0", allow_unauthenticated=True)
+    ).open_access
     keyfile = tmp_path / "keys"
     keyfile.write_text("secret-1\n")
     auth = Authenticator.from_config(ServeConfig(model="m", host="0.0.0.0", api_keys_file=str(keyfile)))

@@ -9,19 +9,29 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.api import APIService, LocalBackend, create_app
-from serving.config import build_serve_config
-from serving.model_server import ModelServer
-from serving.protocol import GenerationRequest
-from serving.registry import RegistryError, parse_model_uri
+from lmforge.registry import RegistryError, parse_model_uri
+from lmforge.serving.api import APIService, LocalBackend, create_app
+from lmforge.serving.config import build_serve_config
+from lmforge.serving.model_server import ModelServer
+from lmforge.serving.protocol import GenerationRequest
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]  # MLflow's first sqlite database takes several seconds to create
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+]  # MLflow's first sqlite database takes several seconds to create
 
 
 def server_config(registry, tmp_path, **values):
-    return build_serve_config({"model": "models:/tiny@champion", "tracking_uri": registry.tracking_uri,
-                               "model_cache_dir": str(tmp_path / "cache"), "registry_poll_s": 0,
-                               "engine": {"num_slots": 2, "max_queue": 4}} | values)
+    return build_serve_config(
+        {
+            "model": "models:/tiny@champion",
+            "tracking_uri": registry.tracking_uri,
+            "model_cache_dir": str(tmp_path / "cache"),
+            "registry_poll_s": 0,
+            "engine": {"num_slots": 2, "max_queue": 4},
+        }
+        | values
+    )
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:
@@ -62,8 +72,14 @@ def test_alias_move_hot_swaps_without_dropping_the_request_in_flight(registry, t
         old.engine.step = slow_step
 
         async def scenario():
-            agen = server.generate(GenerationRequest("long", prompt="The quick", max_tokens=80,
-                                                     sampling={"temperature": 0.0, "ignore_eos": True}))
+            agen = server.generate(
+                GenerationRequest(
+                    "long",
+                    prompt="The quick",
+                    max_tokens=80,
+                    sampling={"temperature": 0.0, "ignore_eos": True},
+                )
+            )
             start = await agen.__anext__()
             assert start["model"] == "tiny/1"
             registry.client.set_alias("tiny", "champion", 2)
@@ -71,8 +87,12 @@ def test_alias_move_hot_swaps_without_dropping_the_request_in_flight(registry, t
             assert result["swapped"] and result["model"] == "tiny/2"
             assert old.engine.num_running == 1  # the first request is still generating on version 1
             assert server.info()["draining"] == [{"model": "tiny/1", "active_requests": 1}]
-            new = [e async for e in server.generate(GenerationRequest("new", prompt="The quick", max_tokens=3,
-                                                                      sampling={"temperature": 0.0}))]
+            new = [
+                e
+                async for e in server.generate(
+                    GenerationRequest("new", prompt="The quick", max_tokens=3, sampling={"temperature": 0.0})
+                )
+            ]
             assert new[0]["model"] == "tiny/2"
             rest = [e async for e in agen]
             return rest
@@ -103,24 +123,36 @@ def test_polling_follows_the_alias_and_admin_reload(registry, tmp_path, monkeypa
     monkeypatch.setenv("LMFORGE_ADMIN_API_KEYS", "admin-key")
     server = ModelServer(server_config(registry, tmp_path))
     try:
-        client = TestClient(create_app(APIService(server_config(registry, tmp_path), {"a": LocalBackend(server)})))
+        client = TestClient(
+            create_app(APIService(server_config(registry, tmp_path), {"a": LocalBackend(server)}))
+        )
         assert client.post("/admin/reload").status_code == 401
         assert client.post("/admin/reload", headers={"Authorization": "Bearer user-key"}).status_code == 403
         registry.client.set_alias("tiny", "champion", 2)
         r = client.post("/admin/reload", headers={"Authorization": "Bearer admin-key"})
         assert r.status_code == 200, r.text
-        assert r.json()["results"]["a"] | {"error": None} == {"variant": "a", "before": "tiny/1", "model": "tiny/2",
-                                                              "swapped": True, "error": None}
-        assert client.post("/admin/reload", json={"variant": "z"},
-                           headers={"Authorization": "Bearer admin-key"}).status_code == 400
+        assert r.json()["results"]["a"] | {"error": None} == {
+            "variant": "a",
+            "before": "tiny/1",
+            "model": "tiny/2",
+            "swapped": True,
+            "error": None,
+        }
+        assert (
+            client.post(
+                "/admin/reload", json={"variant": "z"}, headers={"Authorization": "Bearer admin-key"}
+            ).status_code
+            == 400
+        )
     finally:
         registry.client.set_alias("tiny", "champion", 1)
         server.close()
 
 
 def test_registry_fallback(registry, tmp_path):
-    server = ModelServer(server_config(registry, tmp_path, model="models:/tiny@missing",
-                                       fallback_model="models:/tiny/2"))
+    server = ModelServer(
+        server_config(registry, tmp_path, model="models:/tiny@missing", fallback_model="models:/tiny/2")
+    )
     try:
         info = server.info()
         assert info["serving_fallback"] and info["model"] == "tiny/2" and "missing" in info["last_error"]

@@ -27,30 +27,57 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: lmforge tokenizer train --input data/sample --output out/tokenizer --vocab-size 8192",
     )
     train.add_argument(
-        "--input", nargs="+", required=True, metavar="PATH",
-        help="files or directories (read recursively): .txt .md .rst .html .jsonl (a \"text\" field per line), "
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help='files or directories (read recursively): .txt .md .rst .html .jsonl (a "text" field per line), '
         "each optionally .gz",
     )
     train.add_argument("--output", required=True, metavar="DIR", help="directory to write the tokenizer into")
-    train.add_argument("--vocab-size", type=int, default=16384, metavar="N",
-                       help="total ids incl. 256 byte tokens and the special tokens (default: 16384)")
-    train.add_argument("--min-frequency", type=int, default=2, metavar="N",
-                       help="merge only pairs seen at least N times (default: 2)")
-    train.add_argument("--holdout-fraction", type=float, default=0.1, metavar="F",
-                       help="share of documents kept out of training for the fertility report (default: 0.1)")
-    train.add_argument("--model-max-length", type=int, default=2048, metavar="N",
-                       help="context length recorded in tokenizer_config.json (default: 2048)")
+    train.add_argument(
+        "--vocab-size",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="total ids incl. 256 byte tokens and the special tokens (default: 16384)",
+    )
+    train.add_argument(
+        "--min-frequency",
+        type=int,
+        default=2,
+        metavar="N",
+        help="merge only pairs seen at least N times (default: 2)",
+    )
+    train.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of documents kept out of training for the fertility report (default: 0.1)",
+    )
+    train.add_argument(
+        "--model-max-length",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="context length recorded in tokenizer_config.json (default: 2048)",
+    )
     refs = train.add_mutually_exclusive_group()
-    refs.add_argument("--reference", nargs="+", metavar="DIR",
-                      help="tokenizer directories (with tokenizer.json) to compare with "
-                      "(default: the bundled SmolLM2 tokenizer, when present)")
+    refs.add_argument(
+        "--reference",
+        nargs="+",
+        metavar="DIR",
+        help="tokenizer directories (with tokenizer.json) to compare with "
+        "(default: the bundled SmolLM2 tokenizer, when present)",
+    )
     refs.add_argument("--no-reference", action="store_true", help="compare with no reference tokenizer")
     train.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
     train.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from components.tokenizer import train_tokenizer
+    from lmforge.components.tokenizer import train_tokenizer
 
     console = Console(soft_wrap=True)  # keep the markdown table on one line per row
     console.print(f"training a byte-level BPE tokenizer on {', '.join(args.input)} ...")

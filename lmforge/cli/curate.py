@@ -6,6 +6,8 @@ import argparse
 
 from rich.console import Console
 
+from lmforge.cli._args import add_config_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,19 +24,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: lmforge curate --input data/sample --output out/data --config configs/curate.yaml "
         "--set filters.min_words=50 --set num_workers=2",
     )
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="local files/folders or s3://bucket/prefix URIs (repeatable)")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder to write <split>/part-*.jsonl and the datacards into")
-    p.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults, as in configs/curate.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set dedup.jaccard_threshold=0.7 (repeatable)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="local files/folders or s3://bucket/prefix URIs (repeatable)",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="folder to write <split>/part-*.jsonl and the datacards into",
+    )
+    add_config_args(
+        p,
+        example="dedup.jaccard_threshold=0.7",
+        config_help="YAML config (default: built-in defaults, as in configs/curate.yaml)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_curate)
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from components.curate import CurateConfig, curate
+    from lmforge.components.curate import CurateConfig, curate
     from lmforge.config import load
 
     cfg = load(CurateConfig, args.config, args.overrides)

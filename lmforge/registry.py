@@ -71,8 +71,10 @@ def is_registry_uri(source: str) -> bool:
 
 def parse_model_uri(uri: str) -> ModelRef:
     if not is_registry_uri(uri):
-        raise RegistryError(f"{uri!r} is not a registry URI (expected models:/NAME@ALIAS or models:/NAME/VERSION)")
-    rest = uri[len(SCHEME):]
+        raise RegistryError(
+            f"{uri!r} is not a registry URI (expected models:/NAME@ALIAS or models:/NAME/VERSION)"
+        )
+    rest = uri[len(SCHEME) :]
     if "@" in rest:
         name, _, alias = rest.partition("@")
         if name and alias and "/" not in alias:
@@ -100,7 +102,9 @@ class RegistryClient:
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        self.artifact_root = artifact_root if artifact_root is not None else default_artifact_root(self.tracking_uri)
+        self.artifact_root = (
+            artifact_root if artifact_root is not None else default_artifact_root(self.tracking_uri)
+        )
 
     # ---- reading ------------------------------------------------------------------------------
     def resolve(self, ref: ModelRef | str) -> ResolvedVersion:
@@ -114,7 +118,9 @@ class RegistryClient:
             else:
                 mv = self.client.get_model_version(ref.name, ref.version)
         except MlflowException as err:
-            raise RegistryError(f"cannot resolve {ref.uri} in the registry at {self.tracking_uri}: {err.message}") from err
+            raise RegistryError(
+                f"cannot resolve {ref.uri} in the registry at {self.tracking_uri}: {err.message}"
+            ) from err
         return ResolvedVersion(ref.name, str(mv.version), mv.source, ref.alias, mv.run_id)
 
     def aliases(self, name: str) -> dict[str, str]:
@@ -124,11 +130,15 @@ class RegistryClient:
         try:
             model = self.client.get_registered_model(name)
         except MlflowException as err:
-            raise RegistryError(f"no registered model {name!r} at {self.tracking_uri}: {err.message}") from err
+            raise RegistryError(
+                f"no registered model {name!r} at {self.tracking_uri}: {err.message}"
+            ) from err
         return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
     def versions(self, name: str) -> list[str]:
-        return sorted((str(mv.version) for mv in self.client.search_model_versions(f"name='{name}'")), key=int)
+        return sorted(
+            (str(mv.version) for mv in self.client.search_model_versions(f"name='{name}'")), key=int
+        )
 
     def download(self, version: ResolvedVersion, cache_dir: str | os.PathLike | None = None) -> Path:
         """The version's model directory on local disk (downloaded once per version into the cache,
@@ -142,10 +152,15 @@ class RegistryClient:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=target.parent))
         try:
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.tracking_uri))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.tracking_uri
+                )
+            )
             if not (local / "config.json").is_file():
-                raise RegistryError(f"{version.label} ({version.source}) holds no model directory (config.json missing)")
+                raise RegistryError(
+                    f"{version.label} ({version.source}) holds no model directory (config.json missing)"
+                )
             (local / _COMPLETE).write_text(version.source + "\n")
             if target.exists():
                 shutil.rmtree(target)
@@ -171,7 +186,11 @@ class RegistryClient:
             raise RegistryError(f"{model_dir} is not a model directory (config.json missing)")
         from mlflow.exceptions import MlflowException
 
-        run = self.client.create_run(experiment_id(self.client, experiment, self.artifact_root), run_name=run_name or f"register-{name}", tags=tags or {})
+        run = self.client.create_run(
+            experiment_id(self.client, experiment, self.artifact_root),
+            run_name=run_name or f"register-{name}",
+            tags=tags or {},
+        )
         try:
             self.client.log_artifacts(run.info.run_id, str(model_dir), artifact_path=ARTIFACT_PATH)
             self.client.set_terminated(run.info.run_id, "FINISHED")

@@ -25,9 +25,9 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge.errors import UserError
-from model.beam_search import BeamSearchParams, beam_search
-from model.decode_layout import apply_decode_layout
-from model.generation import SamplingParams, TokenEvent, stream
+from lmforge.model.beam_search import BeamSearchParams, beam_search
+from lmforge.model.decode_layout import apply_decode_layout
+from lmforge.model.generation import SamplingParams, TokenEvent, stream
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 EOS_TOKEN_NAMES = ("<|eos|>", "<|endoftext|>", "</s>", "<|end_of_text|>")
@@ -36,7 +36,9 @@ EOS_TOKEN_NAMES = ("<|eos|>", "<|endoftext|>", "</s>", "<|end_of_text|>")
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise UserError(f"{model_dir} has no tokenizer.json: text generation needs the model's Hugging Face tokenizer")
+        raise UserError(
+            f"{model_dir} has no tokenizer.json: text generation needs the model's Hugging Face tokenizer"
+        )
     return Tokenizer.from_file(str(path))
 
 
@@ -70,7 +72,13 @@ class IncrementalDetokenizer:
     sequence). Context matters because some decoders render a token differently at the start of
     a string (e.g. a leading space)."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True, context: int = 5) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+        context: int = 5,
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids = list(prompt_ids[-context:]) if context else []
@@ -143,7 +151,9 @@ class StopStrings:
 class TextDecoder:
     """Token ids in, safe text deltas out, for one sequence: detokenization + stop strings."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), stop: Iterable[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), stop: Iterable[str] = ()
+    ) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop = StopStrings(stop)
         self.text = ""
@@ -179,7 +189,9 @@ class RegexConstraint:
     character) and special tokens are never allowed, so the output is limited to characters
     that some single token spells out completely."""
 
-    def __init__(self, pattern: str, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self, pattern: str, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Iterable[int] = ()
+    ) -> None:
         try:
             self.pattern = regex.compile(pattern)
         except regex.error as err:
@@ -191,7 +203,11 @@ class RegexConstraint:
         self.by_first_char: dict[str, list[int]] = {}
         for token_id in range(vocab_size):
             piece = tokenizer.id_to_token(token_id)
-            text = "" if piece is None or piece in special else tokenizer.decode([token_id], skip_special_tokens=False)
+            text = (
+                ""
+                if piece is None or piece in special
+                else tokenizer.decode([token_id], skip_special_tokens=False)
+            )
             if REPLACEMENT_CHAR in text:
                 text = ""
             self.texts.append(text)
@@ -312,11 +328,15 @@ def generate_text(
         raise UserError("generate_text returns one sample (n=1)")
     prompt_ids, params, decoder = _prepare(model, tokenizer, prompt, params, stop)
     start = time.perf_counter()
-    tokens, reason, first = stream_events_as_text(stream(model, prompt_ids, params, constraint), decoder, on_text)
+    tokens, reason, first = stream_events_as_text(
+        stream(model, prompt_ids, params, constraint), decoder, on_text
+    )
     return TextResult(decoder.text, tokens, reason, len(prompt_ids), first, time.perf_counter() - start)
 
 
-def _prepare(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams, stop: Iterable[str]):
+def _prepare(
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams, stop: Iterable[str]
+):
     """Prompt ids, params that stop at the tokenizer's eos, and a text decoder for the output."""
     prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id)
     return prompt_ids, _with_eos(params, tokenizer, model), TextDecoder(tokenizer, prompt_ids, stop)
@@ -354,7 +374,7 @@ def generate_from_dir(
     """Load a model directory and continue `prompt`: beam search if num_beams > 1, speculative
     decoding if a draft model is given, otherwise sampling (greedy at temperature 0) on the
     engine (`compile=True`: its decode step goes through torch.compile / CUDA graphs)."""
-    from model.checkpoint import load_model_dir
+    from lmforge.model.checkpoint import load_model_dir
 
     if num_beams > 1 and (regex_pattern or draft_model_dir):
         raise UserError("--num-beams cannot be combined with --regex or --draft-model")
@@ -374,8 +394,11 @@ def generate_from_dir(
 
     if num_beams > 1:
         beam = BeamSearchParams(
-            num_beams=num_beams, max_new_tokens=params.max_new_tokens, length_penalty=length_penalty,
-            stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+            num_beams=num_beams,
+            max_new_tokens=params.max_new_tokens,
+            length_penalty=length_penalty,
+            stop_token_ids=params.stop_token_ids,
+            ignore_eos=params.ignore_eos,
         )
         best = beam_search(model, prompt_ids, beam)[0]
         tokens = list(best.token_ids)
@@ -389,7 +412,7 @@ def generate_from_dir(
             on_text(decoder.text)
         reason = "stop" if best.finished or decoder.stopped else "length"
     elif draft_model_dir:
-        from model.speculative import speculative_generate
+        from lmforge.model.speculative import speculative_generate
 
         draft = apply_decode_layout(load_model_dir(draft_model_dir, device=device, dtype=dtype))
         out = speculative_generate(model, draft, prompt_ids, params, num_draft_tokens)
@@ -411,7 +434,12 @@ def generate_from_dir(
     else:
         constraint = None
         if regex_pattern:
-            constraint = RegexConstraint(regex_pattern, tokenizer, model.config.vocab_size, eos_token_ids(tokenizer, model.config.eos_token_id))
+            constraint = RegexConstraint(
+                regex_pattern,
+                tokenizer,
+                model.config.vocab_size,
+                eos_token_ids(tokenizer, model.config.eos_token_id),
+            )
         events = stream(model, prompt_ids, params, constraint, compile=compile)
         tokens, reason, first = stream_events_as_text(events, decoder, on_text)
     return TextResult(decoder.text, tokens, reason, len(prompt_ids), first, time.perf_counter() - start)

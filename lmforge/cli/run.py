@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lmforge.cli._args import add_config_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -14,9 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ending with a registered model and sample generations. Outputs go under the config's workdir; "
         "a record of each step is kept in <workdir>/run.json.",
     )
-    parser.add_argument("--config", help="lifecycle YAML (e.g. configs/demo.yaml); default: built-in defaults")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set pretrain.schedule.max_steps=50 (repeatable)")
+    add_config_args(
+        parser,
+        example="pretrain.schedule.max_steps=50",
+        config_help="lifecycle YAML (e.g. configs/demo.yaml); default: built-in defaults",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -24,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lmforge.config import load
-    from pipelines.lifecycle import LifecycleConfig, run_lifecycle
+    from lmforge.pipelines.lifecycle import LifecycleConfig, run_lifecycle
 
     console = Console()
     cfg = load(LifecycleConfig, args.config, args.overrides)

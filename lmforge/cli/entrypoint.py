@@ -1,9 +1,9 @@
 """The `lmforge` command line: one entry point, one subcommand per lifecycle verb.
 
-Each verb lives in its own module under `lmforge/commands/` exposing `register(subparsers)`; the
+Each verb lives in its own module under `lmforge/cli/` exposing `register(subparsers)`; the
 module parses arguments and calls the stage's plain function in `components/` (one code path for
 the CLI, the tests and the KFP components). A user error (bad config, missing file) prints one line
-and exits 2; anything else is a bug and keeps its traceback.
+and exits 2; anything else is a bug: its traceback is printed, followed by one line saying so (exit 1).
 """
 
 from __future__ import annotations
@@ -11,19 +11,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from lmforge import __version__
-from lmforge.errors import USER_ERRORS
+from lmforge.errors import BUG_REPORT_HINT, USER_ERRORS
 
 COMMAND_MODULES = [
-    "lmforge.commands.tokenizer",
-    "lmforge.commands.hf",
-    "lmforge.commands.pretrain",
-    "lmforge.commands.generate",
-    "lmforge.commands.run",
-    "lmforge.commands.curate",
-    "lmforge.commands.tokenize",
-    "lmforge.commands.serve",
+    "lmforge.cli.tokenizer",
+    "lmforge.cli.hf",
+    "lmforge.cli.pretrain",
+    "lmforge.cli.generate",
+    "lmforge.cli.run",
+    "lmforge.cli.curate",
+    "lmforge.cli.tokenize",
+    "lmforge.cli.serve",
 ]
 
 
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"lmforge {args.command}: internal error: {BUG_REPORT_HINT}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

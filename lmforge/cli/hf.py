@@ -16,10 +16,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Validate a Hugging Face LlamaForCausalLM checkpoint (safetensors only) and write it as an "
         "lmforge model directory. Architectures lmforge cannot represent exactly are refused, naming the field.",
     )
-    imp.add_argument("--input", required=True, help="Hugging Face model directory (config.json + *.safetensors + tokenizer.json)")
+    imp.add_argument(
+        "--input",
+        required=True,
+        help="Hugging Face model directory (config.json + *.safetensors + tokenizer.json)",
+    )
     imp.add_argument("--output", required=True, help="lmforge model directory to write")
-    imp.add_argument("--dtype", choices=DTYPES, help="store the weights in this precision (default: as in the input)")
-    imp.add_argument("--allow-missing-tokenizer", action="store_true", help="import the weights even without tokenizer.json")
+    imp.add_argument(
+        "--dtype", choices=DTYPES, help="store the weights in this precision (default: as in the input)"
+    )
+    imp.add_argument(
+        "--allow-missing-tokenizer",
+        action="store_true",
+        help="import the weights even without tokenizer.json",
+    )
     imp.set_defaults(func=_import)
 
     exp = sub.add_parser(
@@ -30,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     exp.add_argument("--input", required=True, help="lmforge model directory")
     exp.add_argument("--output", required=True, help="Hugging Face directory to write")
-    exp.add_argument("--dtype", choices=DTYPES, help="store the weights in this precision (default: as in the input)")
+    exp.add_argument(
+        "--dtype", choices=DTYPES, help="store the weights in this precision (default: as in the input)"
+    )
     exp.set_defaults(func=_export)
 
 
@@ -43,12 +55,12 @@ def _report(verb: str, result) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from components.hf_interop import import_hf
+    from lmforge.components.hf_interop import import_hf
 
     return _report("imported", import_hf(args.input, args.output, args.dtype, args.allow_missing_tokenizer))
 
 
 def _export(args: argparse.Namespace) -> int:
-    from components.hf_interop import export_hf
+    from lmforge.components.hf_interop import export_hf
 
     return _report("exported", export_hf(args.input, args.output, args.dtype))

@@ -7,6 +7,8 @@ import argparse
 
 from rich.console import Console
 
+from lmforge.cli._args import add_config_args
+
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run checkpointed and stopped early; rerun with --resume auto
 
 
@@ -19,12 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "<output_dir>/checkpoints, the final model (Hugging Face layout) to <output_dir>/model, metrics to MLflow. "
         "SIGTERM or Ctrl-C checkpoints and stops (exit 143; a second Ctrl-C aborts); continue with --resume auto.",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/pretrain-tiny.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=1e-4 --set strategy.name=fsdp (repeatable)")
-    p.add_argument("--resume", metavar="auto|PATH",
-                   help="continue from the newest checkpoint in output_dir (auto) or from a checkpoint directory")
-    p.add_argument("--local", action="store_true", help="train in this process without Ray (= --set ray.num_workers=0)")
+    add_config_args(
+        p,
+        example="optim.lr=1e-4 --set strategy.name=fsdp",
+        required=True,
+        config_help="YAML config (e.g. configs/pretrain-tiny.yaml)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from the newest checkpoint in output_dir (auto) or from a checkpoint directory",
+    )
+    p.add_argument(
+        "--local", action="store_true", help="train in this process without Ray (= --set ray.num_workers=0)"
+    )
     p.set_defaults(func=_pretrain)
 
     c = sub.add_parser(
@@ -40,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from components.pretrain import PretrainConfig, pretrain
-    from components.pretrain.stage import result_summary
+    from lmforge.components.pretrain import PretrainConfig, pretrain
+    from lmforge.components.pretrain.stage import result_summary
     from lmforge.config import load
 
     overrides = list(args.overrides) + (["ray.num_workers=0"] if args.local else [])
@@ -50,18 +60,23 @@ def _pretrain(args: argparse.Namespace) -> int:
     console = Console()
     summary = result_summary(result)
     if result.preempted:
-        console.print(f"[yellow]stopped[/yellow] at step {result.step}: checkpoint {result.checkpoint_dir}; "
-                      "continue by running the same command with --resume auto")
+        console.print(
+            f"[yellow]stopped[/yellow] at step {result.step}: checkpoint {result.checkpoint_dir}; "
+            "continue by running the same command with --resume auto"
+        )
         return EXIT_PREEMPTED
     loss = summary.get("val/loss", summary.get("train/loss"))
-    console.print(f"[green]pretrained[/green] {result.model_dir} ({result.step} steps"
-                  + (f", loss {loss:.4f}" if loss is not None else "") + ")"
-                  + (f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""))
+    console.print(
+        f"[green]pretrained[/green] {result.model_dir} ({result.step} steps"
+        + (f", loss {loss:.4f}" if loss is not None else "")
+        + ")"
+        + (f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "")
+    )
     return 0
 
 
 def _consolidate(args: argparse.Namespace) -> int:
-    from components.pretrain import consolidate
+    from lmforge.components.pretrain import consolidate
 
     out = consolidate(args.checkpoint, args.output, tokenizer_dir=args.tokenizer_dir)
     Console().print(f"[green]consolidated[/green] {args.checkpoint} -> {out}")
