@@ -9,39 +9,57 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}
 (liveness), GET /ready (every variant answers), GET /metrics (Prometheus text), POST /admin/reload
 (admin key), GET /openapi.json and /docs.
 
-Request order: body size -> API key -> rate limit -> JSON schema -> model id -> the replica's
-own checks (context length, sampling ranges). Every refusal is an OpenAI error object
-{"error": {"message", "type", "param", "code"}} with a 4xx status; 503/429 carry Retry-After.
+Bodies are the pydantic models of serving/http_models.py: FastAPI validates requests with them and
+documents requests, responses and every status an operation answers in /openapi.json. The
+OpenAI objects are built from the replicas' events by serving/openai_format.py.
+
+Request order: body size (middleware) -> JSON syntax -> API key -> rate limit -> schema -> model
+id -> unsupported fields -> the replica's own checks (context length, sampling ranges). Every
+refusal is an OpenAI error object {"error": {"message", "type", "param", "code"}} with a 4xx
+status (400 for any invalid body, as OpenAI; never FastAPI's 422); 503/429 carry Retry-After, 405
+carries Allow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import email.message
 import logging
 import random
 import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.serving import openai_format
 from lmforge.serving.auth import Authenticator, AuthError, Principal, RateLimiter
 from lmforge.serving.config import ServeConfig
-from lmforge.serving.metrics import CONTENT_TYPE, SequenceTimer, ServingMetrics
-from lmforge.serving.protocol import (
-    APIError,
+from lmforge.serving.http_models import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
-    GenerationRequest,
-    bad_request,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    Readiness,
+    ReloadRequest,
+    ReloadResponse,
 )
+from lmforge.serving.metrics import CONTENT_TYPE, SequenceTimer, ServingMetrics
+from lmforge.serving.protocol import APIError, GenerationRequest, bad_request
 
 log = logging.getLogger("lmforge.serving")
 access_log = logging.getLogger("lmforge.serving.access")
@@ -202,7 +220,7 @@ class APIService:
             try:
                 async for event in agen:
                     await queue.put((p, event))
-            except BaseException as err:  # noqa: BLE001 - delivered to the consumer, which re-raises
+            except BaseException as err:  # delivered to the consumer, which re-raises
                 await queue.put((p, err))
             finally:
                 await _aclose(agen)
@@ -245,14 +263,12 @@ class APIService:
         elif kind == "finish":
             m.sequences_finished.labels(model, event["reason"]).inc()
 
-    # ---- /v1/completions ----
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        start = time.perf_counter()
+    # ---- /v1/completions and /v1/chat/completions ----
+    async def completions(self, body: CompletionRequest) -> Response:
         self.check_model(body.model)
         body.check_unsupported()
         stops = body.stop_list()
         max_tokens = body.max_tokens if body.max_tokens is not None else self.cfg.default_max_tokens
-        logprobs = body.logprobs
         requests = [
             GenerationRequest(
                 f"cmpl-{uuid.uuid4().hex}",
@@ -260,116 +276,22 @@ class APIService:
                 max_tokens=max_tokens,
                 sampling=body.sampling(),
                 stop=stops,
-                logprobs=logprobs,
+                logprobs=body.logprobs,
                 echo=body.echo,
             )
             for p in body.prompts()
         ]
-        variant = self.choose_variant(body.user)
-        opened = await self.open_all(variant, requests)
-        rid, created, n = requests[0].request_id, int(time.time()), body.n
-        headers = _model_headers(variant, opened)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(
-                self._stream_completions(
-                    opened, variant, start, rid, created, n, body.echo, logprobs, include_usage
-                ),
-                headers,
-            )
-        choices = {
-            p * n + i: {"text": "", "entries": [], "finish_reason": None}
-            for p in range(len(opened))
-            for i in range(n)
-        }
-        usage = _Usage(opened)
-        if body.echo:
-            for p, (_, first) in enumerate(opened):
-                for i in range(n):
-                    choices[p * n + i]["text"] = first.get("prompt_text", "")
-                    choices[p * n + i]["entries"] = list(first.get("prompt_logprobs") or [])
-        async for p, ev in self.merged(opened, variant, start):
-            usage.add(ev)
-            if ev["type"] == "delta":
-                c = choices[p * n + ev["index"]]
-                c["text"] += ev["text"]
-                c["entries"].extend(ev.get("logprobs") or [])
-            elif ev["type"] == "finish":
-                choices[p * n + ev["index"]]["finish_reason"] = ev["reason"]
-        out = [
-            {
-                "index": k,
-                "text": c["text"],
-                "finish_reason": c["finish_reason"],
-                "logprobs": _completion_logprobs(c["entries"]) if logprobs is not None else None,
-            }
-            for k, c in sorted(choices.items())
-        ]
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model_id,
-                "choices": out,
-                "usage": usage.body(),
-            },
-            headers=headers,
-        )
+        fmt = openai_format.CompletionFormat(body.echo, logprobs=body.logprobs is not None)
+        return await self.answer(body, requests, fmt)
 
-    async def _stream_completions(
-        self, opened, variant, start, rid, created, n, echo, logprobs, include_usage
-    ):
-        usage = _Usage(opened)
-
-        def chunk(index: int, text: str, entries, finish_reason) -> dict:
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model_id,
-                "choices": [
-                    {
-                        "index": index,
-                        "text": text,
-                        "finish_reason": finish_reason,
-                        "logprobs": _completion_logprobs(entries) if logprobs is not None else None,
-                    }
-                ],
-            }
-
-        if echo:
-            for p, (_, first) in enumerate(opened):
-                for i in range(n):
-                    yield chunk(
-                        p * n + i, first.get("prompt_text", ""), first.get("prompt_logprobs") or [], None
-                    )
-        async for p, ev in self.merged(opened, variant, start):
-            usage.add(ev)
-            if ev["type"] == "delta" and (ev["text"] or ev.get("logprobs")):
-                yield chunk(p * n + ev["index"], ev["text"], ev.get("logprobs") or [], None)
-            elif ev["type"] == "finish":
-                yield chunk(p * n + ev["index"], "", [], ev["reason"])
-        if include_usage:
-            yield {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model_id,
-                "choices": [],
-                "usage": usage.body(),
-            }
-
-    # ---- /v1/chat/completions ----
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        start = time.perf_counter()
+    async def chat(self, body: ChatCompletionRequest) -> Response:
         self.check_model(body.model)
         body.check_unsupported()
         messages = [
             {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
             for m in body.messages
         ]
-        greq = GenerationRequest(
+        request = GenerationRequest(
             f"chatcmpl-{uuid.uuid4().hex}",
             messages=messages,
             max_tokens=body.token_limit(),
@@ -377,97 +299,41 @@ class APIService:
             stop=body.stop_list(),
             logprobs=body.engine_logprobs(),
         )
+        return await self.answer(body, [request], openai_format.ChatFormat(logprobs=body.logprobs))
+
+    async def answer(
+        self,
+        body: CompletionRequest | ChatCompletionRequest,
+        requests: list[GenerationRequest],
+        fmt: openai_format.Format,
+    ) -> Response:
+        """Run the requests on one variant and answer with the whole response or, with
+        `stream`, with server-sent events as the tokens come (both endpoints)."""
+        start = time.perf_counter()
         variant = self.choose_variant(body.user)
-        opened = await self.open_all(variant, [greq])
-        created, n, want_logprobs = int(time.time()), body.n, body.logprobs
+        opened = await self.open_all(variant, requests)
+        reply = openai_format.Reply(
+            requests[0].request_id, self.model_id, body.n, [first for _, first in opened]
+        )
         headers = _model_headers(variant, opened)
+        events = self.merged(opened, variant, start)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(
-                self._stream_chat(
-                    opened, variant, start, greq.request_id, created, n, want_logprobs, include_usage
-                ),
-                headers,
-            )
-        choices = {i: {"text": "", "entries": [], "finish_reason": None} for i in range(n)}
-        usage = _Usage(opened)
-        async for _, ev in self.merged(opened, variant, start):
-            usage.add(ev)
-            if ev["type"] == "delta":
-                choices[ev["index"]]["text"] += ev["text"]
-                choices[ev["index"]]["entries"].extend(ev.get("logprobs") or [])
-            elif ev["type"] == "finish":
-                choices[ev["index"]]["finish_reason"] = ev["reason"]
-        out = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c["text"]},
-                "finish_reason": c["finish_reason"],
-                "logprobs": {"content": _chat_logprobs(c["entries"])} if want_logprobs else None,
-            }
-            for i, c in sorted(choices.items())
-        ]
-        return JSONResponse(
-            {
-                "id": greq.request_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": self.model_id,
-                "choices": out,
-                "usage": usage.body(),
-            },
-            headers=headers,
-        )
-
-    async def _stream_chat(self, opened, variant, start, rid, created, n, want_logprobs, include_usage):
-        usage = _Usage(opened)
-
-        def chunk(index: int, delta: dict, entries, finish_reason) -> dict:
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_id,
-                "choices": [
-                    {
-                        "index": index,
-                        "delta": delta,
-                        "finish_reason": finish_reason,
-                        "logprobs": {"content": _chat_logprobs(entries)} if want_logprobs else None,
-                    }
-                ],
-            }
-
-        for i in range(n):
-            yield chunk(i, {"role": "assistant", "content": ""}, [], None)
-        async for _, ev in self.merged(opened, variant, start):
-            usage.add(ev)
-            if ev["type"] == "delta" and (ev["text"] or ev.get("logprobs")):
-                yield chunk(ev["index"], {"content": ev["text"]}, ev.get("logprobs") or [], None)
-            elif ev["type"] == "finish":
-                yield chunk(ev["index"], {}, [], ev["reason"])
-        if include_usage:
-            yield {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_id,
-                "choices": [],
-                "usage": usage.body(),
-            }
+            return _sse(openai_format.stream(fmt, reply, events, include_usage), headers)
+        return _json(await openai_format.collect(fmt, reply, events), headers=headers)
 
     # ---- other endpoints ----
-    def models_body(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self.model_card()]}
+    def models(self) -> ModelList:
+        return ModelList(data=[self.model_card()])
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lmforge"}
+    def model_card(self) -> ModelCard:
+        return ModelCard(id=self.model_id, created=self.created, owned_by="lmforge")
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         async def one(variant: str, backend: Backend):
             try:
                 return variant, await asyncio.wait_for(backend.info(), timeout=10)
-            except Exception as err:  # noqa: BLE001 - readiness reports any failure as not ready
+            except Exception as err:  # readiness reports any failure as not ready
                 return variant, {"error": f"{type(err).__name__}: {err}"}
 
         results = dict(await asyncio.gather(*(one(v, b) for v, b in self.backends.items())))
@@ -477,7 +343,7 @@ class APIService:
         async def one(variant: str, backend: Backend):
             try:
                 self.metrics.engine.update(variant, await asyncio.wait_for(backend.stats(), timeout=2))
-            except Exception as err:  # noqa: BLE001 - a scrape must not fail because one replica is slow
+            except Exception as err:  # a scrape must not fail because one replica is slow
                 log.debug("stats of variant %s unavailable: %s", variant, err)
 
         await asyncio.gather(*(one(v, b) for v, b in self.backends.items()))
@@ -493,66 +359,23 @@ class APIService:
         return out
 
 
-class _Usage:
-    def __init__(self, opened) -> None:
-        self.prompt = sum(first["prompt_tokens"] for _, first in opened)
-        self.completion = 0
-
-    def add(self, event: dict) -> None:
-        if event["type"] == "finish":
-            self.completion += event["completion_tokens"]
-
-    def body(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.prompt + self.completion,
-        }
-
-
-class ReloadRequest(BaseModel):
-    model_config = {"extra": "forbid", "strict": True}
-    variant: str | None = None
-    force: bool = False
-
-
-# ---- formatting helpers -----------------------------------------------------------------------
-def _completion_logprobs(entries: list[dict | None]) -> dict[str, Any]:
-    """OpenAI legacy completions format: parallel lists (tokens, token_logprobs, top_logprobs, text_offset)."""
-    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
-    for e in entries:
-        tokens.append(e["token"])
-        token_logprobs.append(e["logprob"])
-        top.append({t: lp for t, lp, _ in e["top"]} if e["logprob"] is not None else None)
-        offsets.append(offset)
-        offset += len(e["token"])
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def _chat_logprobs(entries: list[dict]) -> list[dict[str, Any]]:
-    return [
-        {
-            "token": e["token"],
-            "logprob": e["logprob"],
-            "bytes": e["bytes"],
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e["top"]],
-        }
-        for e in entries
-    ]
-
-
+# ---- helpers ------------------------------------------------------------------------------------
 def _model_headers(variant: str, opened) -> dict[str, str]:
     versions = sorted({first["model"] for _, first in opened})
     return {"x-lmforge-variant": variant, "x-lmforge-model-version": ",".join(versions)}
 
 
-def _sse(chunks: AsyncIterator[dict], headers: dict[str, str]) -> StreamingResponse:
+def _json(model: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(model.model_dump_json(), status_code, headers, media_type="application/json")
+
+
+def _sse(chunks: AsyncIterator[BaseModel], headers: dict[str, str]) -> StreamingResponse:
     async def body():
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                yield f"data: {chunk.model_dump_json()}\n\n"
         except APIError as err:  # failed after the 200 was sent: report it in-band, as OpenAI does
-            yield f"data: {json.dumps(err.body())}\n\n"
+            yield f"data: {_error_body(err).model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
@@ -567,7 +390,7 @@ async def _aclose(agen) -> None:
     if close is not None:
         try:
             await close()
-        except Exception as err:  # noqa: BLE001 - closing a failed stream must not hide the first error
+        except Exception as err:  # closing a failed stream must not hide the first error
             log.debug("closing a generation stream: %s", err)
 
 
@@ -596,26 +419,46 @@ def _backend_error(err: BaseException) -> APIError:
     return APIError(500, f"internal error while generating ({name})", "server_error")
 
 
-def parse_body(model_cls: type[BaseModel], body: bytes):
-    """Validate a JSON body into `model_cls`: malformed JSON, wrong types, out-of-range values and
-    unknown fields all become a 400 naming the field."""
-    try:
-        return model_cls.model_validate_json(body)
-    except ValidationError as err:
-        errors = err.errors(include_url=False)
-        if any(e["type"] == "json_invalid" for e in errors) or not body.strip():
-            raise bad_request(
-                f"the request body is not valid JSON: {errors[0]['msg']}", code="invalid_json"
-            ) from None
-        if errors[0]["type"] in ("model_type", "model_attributes_type") and not errors[0]["loc"]:
-            raise bad_request("the request body must be a JSON object", code="invalid_json") from None
-        param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
-        fields = {e["loc"][0] if e["loc"] else "" for e in errors}
-        shown = errors if len(fields) > 1 else errors[:1]
-        problems = "; ".join(_describe(e) for e in shown[:4])
-        if len(fields) == 1 and len(errors) > 1 and errors[0]["type"] not in ("missing", "extra_forbidden"):
-            problems = f"{param}: wrong type or value ({'; '.join(_describe(e) for e in errors[:4])})"
-        raise bad_request(problems, param, "invalid_value") from None
+def validation_error(err: RequestValidationError, content_type: str | None) -> APIError:
+    """FastAPI's validation errors as OpenAI's 400 naming the field: malformed JSON, a body that is
+    not a JSON object, wrong types, out-of-range values and unknown fields."""
+    errors = [{**e, "loc": _field_path(e["loc"])} for e in err.errors()]
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        reason = first.get("ctx", {}).get("error", first["msg"])
+        where = f" (at character {first['loc'][0]})" if first["loc"] else ""
+        return bad_request(f"the request body is not valid JSON: {reason}{where}", code="invalid_json")
+    if not first["loc"]:  # the body as a whole
+        if first["type"] == "missing":
+            message = "the request body is empty; send a JSON object"
+        elif not _is_json(content_type):
+            message = f"send the body as JSON with 'Content-Type: application/json', not {content_type!r}"
+        else:
+            message = "the request body must be a JSON object"
+        return bad_request(message, code="invalid_json")
+    param = str(first["loc"][0])
+    fields = {e["loc"][0] if e["loc"] else "" for e in errors}
+    shown = errors if len(fields) > 1 else errors[:1]
+    problems = "; ".join(_describe(e) for e in shown[:4])
+    if len(fields) == 1 and len(errors) > 1 and first["type"] not in ("missing", "extra_forbidden"):
+        problems = f"{param}: wrong type or value ({'; '.join(_describe(e) for e in errors[:4])})"
+    return bad_request(problems, param, "invalid_value")
+
+
+def _field_path(loc: tuple) -> tuple:
+    """A location inside the body, without FastAPI's leading "body"."""
+    return tuple(loc[1:]) if loc[:1] == ("body",) else tuple(loc)
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return True  # parsed as JSON (strict_content_type=False)
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
 
 
 def _describe(error: dict) -> str:
@@ -626,8 +469,12 @@ def _describe(error: dict) -> str:
 
 
 # ---- the ASGI app -------------------------------------------------------------------------------
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def _error_body(err: APIError) -> ErrorResponse:
+    return ErrorResponse.model_validate(err.body())
+
+
+def _error_response(err: APIError) -> Response:
+    return _json(_error_body(err), err.status, err.headers)
 
 
 class _LimitsAndMetrics:
@@ -702,11 +549,85 @@ class _LimitsAndMetrics:
         )  # the key's fingerprint, never the key
 
 
+# ---- what the OpenAPI document declares -----------------------------------------------------------
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: malformed JSON, wrong type or value, unknown or unsupported field, "
+    "prompt longer than the context",
+    401: "Missing or invalid API key",
+    403: "The endpoint needs an admin API key",
+    404: "Unknown model id",
+    413: "Body over `max_body_bytes`",
+    429: "The key's rate limit is reached (Retry-After says when to retry)",
+    503: "The model service is overloaded or restarting (Retry-After says when to retry)",
+}
+SCHEMAS = "#/components/schemas/"
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[s]} for s in statuses}
+
+
+def _event_stream(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The 200 of a generation endpoint: JSON (the response model), or with `stream: true`
+    server-sent events whose `data` is a chunk, an in-band error, then `[DONE]` (OpenAPI 3.2's
+    `itemSchema`, as FastAPI writes for its own event streams)."""
+    payload = {"anyOf": [{"$ref": SCHEMAS + chunk.__name__}, {"$ref": SCHEMAS + ErrorResponse.__name__}]}
+    data = {
+        "anyOf": [
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+            {"const": "[DONE]"},
+        ]
+    }
+    item = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    description = "The whole answer as JSON, or with `stream: true` server-sent events ending with `[DONE]`"
+    return {200: {"description": description, "content": {"text/event-stream": {"itemSchema": item}}}}
+
+
+def _document(app: FastAPI, open_access: bool) -> dict[str, Any]:
+    """FastAPI's document plus what it cannot infer: the stream chunk models (referenced from an
+    `itemSchema` only), no 422 entries (validation errors are OpenAI's 400 here), and an API key
+    made optional (`{}`) on a server that runs without keys."""
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (CompletionChunk, ChatCompletionChunk):
+        definition = model.model_json_schema(mode="serialization", ref_template=SCHEMAS + "{model}")
+        for name, sub in definition.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components[model.__name__] = definition
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+            if open_access and "security" in operation:
+                operation["security"].append({})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema
+
+
+# ---- the app -------------------------------------------------------------------------------------
+# API keys: declared as HTTP bearer auth in the document; the check is APIService.authorize.
+_bearer = HTTPBearer(auto_error=False, description="An API key (see the README's Authentication)")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+
+
+async def _api_key(request: Request, _: _Credentials) -> Principal:
+    return request.app.state.service.authorize(request)
+
+
+async def _admin_key(request: Request, _: _Credentials) -> Principal:
+    return request.app.state.service.authorize(request, admin=True)
+
+
+APIKey = Annotated[Principal, Depends(_api_key)]
+AdminKey = Annotated[Principal, Depends(_admin_key)]
+
+
 def create_app(service: APIService) -> FastAPI:
     app = FastAPI(
         title="lmforge OpenAI-compatible API",
         version="1",
         description="OpenAI-compatible completions and chat completions served by lmforge.",
+        strict_content_type=False,  # a JSON body without a Content-Type header is still JSON
     )
     app.state.service = service
 
@@ -716,93 +637,98 @@ def create_app(service: APIService) -> FastAPI:
             err.headers["Retry-After"] = str(service.cfg.retry_after_s)
         return _error_response(err)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        return _error_response(validation_error(err, request.headers.get("content-type")))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, err: StarletteHTTPException):
-        return _error_response(
-            APIError(err.status_code, str(err.detail), STATUS_TYPES.get(err.status_code, "server_error"))
-        )
+        error_type = STATUS_TYPES.get(err.status_code, "server_error")
+        return _error_response(APIError(err.status_code, str(err.detail), error_type, headers=err.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception):
         log.exception("unhandled error", exc_info=err)
         return _error_response(APIError(500, f"internal server error ({type(err).__name__})", "server_error"))
 
-    def body_schema(model: type[BaseModel]) -> dict:
-        return {
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
-                },
-            }
-        }
+    @app.post(
+        "/v1/completions",
+        tags=["openai"],
+        response_model=CompletionResponse,
+        responses=_event_stream(CompletionChunk) | _errors(400, 401, 404, 413, 429, 503),
+    )
+    async def completions(body: CompletionRequest, _: APIKey) -> Response:
+        """Text completions (OpenAI's legacy completions API); server-sent events with stream=true."""
+        return await service.completions(body)
 
-    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest), tags=["openai"])
-    async def completions(request: Request):
-        """Text completions (OpenAI legacy completions API), streamed as server-sent events with stream=true."""
-        service.authorize(request)
-        return await service.completions(parse_body(CompletionRequest, await request.body()), request)
-
-    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest), tags=["openai"])
-    async def chat_completions(request: Request):
+    @app.post(
+        "/v1/chat/completions",
+        tags=["openai"],
+        response_model=ChatCompletionResponse,
+        responses=_event_stream(ChatCompletionChunk) | _errors(400, 401, 404, 413, 429, 503),
+    )
+    async def chat_completions(body: ChatCompletionRequest, _: APIKey) -> Response:
         """Chat completions rendered with the model's own chat template."""
-        service.authorize(request)
-        return await service.chat(parse_body(ChatCompletionRequest, await request.body()), request)
+        return await service.chat(body)
 
-    @app.get("/v1/models", tags=["openai"])
-    async def list_models(request: Request):
-        service.authorize(request)
-        return service.models_body()
+    @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=_errors(401, 429))
+    async def list_models(_: APIKey) -> ModelList:
+        return service.models()
 
-    @app.get("/v1/models/{model_id:path}", tags=["openai"])
-    async def get_model(model_id: str, request: Request):
-        service.authorize(request)
+    @app.get(
+        "/v1/models/{model_id:path}",
+        tags=["openai"],
+        response_model=ModelCard,
+        responses=_errors(401, 404, 429),
+    )
+    async def get_model(model_id: str, _: APIKey) -> ModelCard:
         service.check_model(model_id)
         return service.model_card()
 
-    @app.get("/health", tags=["operations"])
-    async def health():
+    @app.get("/health", tags=["operations"], response_model=Health)
+    async def health() -> Health:
         """Liveness: the HTTP server answers."""
-        return {"status": "ok"}
+        return Health()
 
-    @app.get("/ready", tags=["operations"])
-    async def ready():
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "A variant is not loaded or does not answer"}},
+    )
+    async def ready(response: Response) -> Readiness:
         """Readiness: every model variant is loaded and answers."""
         ok, variants = await service.readiness()
-        return JSONResponse(
-            {"status": "ready" if ok else "not ready", "model": service.model_id, "variants": variants},
-            status_code=200 if ok else 503,
-        )
+        response.status_code = 200 if ok else 503
+        return Readiness(status="ready" if ok else "not ready", model=service.model_id, variants=variants)
 
-    @app.get("/metrics", tags=["operations"])
-    async def metrics():
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
         """Prometheus text format."""
         await service.refresh_engine_stats()
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/admin/reload", tags=["operations"], openapi_extra=body_schema(ReloadRequest))
-    async def admin_reload(request: Request):
+    @app.post(
+        "/admin/reload",
+        tags=["operations"],
+        response_model=ReloadResponse,
+        responses=_errors(400, 401, 403, 413, 429),
+    )
+    async def admin_reload(
+        _: AdminKey,
+        body: Annotated[ReloadRequest | None, Body()] = None,
+    ) -> ReloadResponse:
         """Re-resolve the model source now (registry alias) and hot-swap a new version (admin key)."""
-        service.authorize(request, admin=True)
-        raw = await request.body()
-        body = parse_body(ReloadRequest, raw) if raw.strip() else ReloadRequest()
+        body = body or ReloadRequest()
         if body.variant is not None and body.variant not in service.backends:
             raise bad_request(
                 f"variant: unknown {body.variant!r}; this server has {sorted(service.backends)}", "variant"
             )
-        return {"results": await service.reload(body.variant, body.force)}
+        return ReloadResponse(results=await service.reload(body.variant, body.force))
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (CompletionRequest, ChatCompletionRequest, ReloadRequest):
-                definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(definition.pop("$defs", {}))
-                components[model.__name__] = definition
-            app.openapi_schema = schema
+            app.openapi_schema = _document(app, service.auth.open_access)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -350,15 +350,33 @@ def test_body_too_large_is_413(client):
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
+def test_a_body_sent_as_another_content_type_is_refused_by_name(client):
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+    r = client.post("/v1/completions", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_json" and "application/json" in error["message"]
+    # no Content-Type at all: read as JSON, as a bare client sends it
+    assert client.post("/v1/completions", content=body).status_code == 200
+
+
 def test_unknown_route_and_method(client):
     assert client.get("/v2/nothing").json()["error"]["type"] == "not_found_error"
-    assert client.get("/v1/completions").status_code == 405
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"  # RFC 9110: a 405 lists what is allowed
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_the_server_survives_bad_input(client):
-    """After every bad request above, the same replica still generates."""
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "still alive", "max_tokens": 2})
-    assert r.status_code == 200
+    """After every bad request, the same replica still generates (and answers as before)."""
+    request = {"model": MODEL, "prompt": "still alive", "max_tokens": 4, "temperature": 0}
+    before = client.post("/v1/completions", json=request)
+    for path, body, status, _, _ in BAD_REQUESTS:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = client.post(path, content=content, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+    after = client.post("/v1/completions", json=request)
+    assert after.status_code == 200 and after.json()["choices"] == before.json()["choices"]
 
 
 # ---- operations endpoints -------------------------------------------------------------------------
@@ -379,6 +397,47 @@ def test_health_ready_models_openapi(client):
     ]
     assert body_ref["$ref"].endswith("/CompletionRequest")
     assert "max_tokens" in spec["components"]["schemas"]["CompletionRequest"]["properties"]
+
+
+# every status each operation answers, and what it answers with (see test_openapi_fuzz.py)
+DECLARED = {
+    ("post", "/v1/completions"): {200, 400, 401, 404, 413, 429, 503},
+    ("post", "/v1/chat/completions"): {200, 400, 401, 404, 413, 429, 503},
+    ("get", "/v1/models"): {200, 401, 429},
+    ("get", "/v1/models/{model_id}"): {200, 401, 404, 429},
+    ("get", "/health"): {200},
+    ("get", "/ready"): {200, 503},
+    ("get", "/metrics"): {200},
+    ("post", "/admin/reload"): {200, 400, 401, 403, 413, 429},
+}
+
+
+def test_openapi_declares_every_status_and_content_type(client):
+    spec = client.get("/openapi.json").json()
+    operations = {(m, p): op for p, ops in spec["paths"].items() for m, op in ops.items()}
+    assert set(operations) == set(DECLARED)
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for key, op in operations.items():
+        responses = op["responses"]
+        assert {int(code) for code in responses} == DECLARED[key], key  # no FastAPI 422: errors are 400
+        for code in DECLARED[key] - {200, 503 if key[1] == "/ready" else 0}:
+            assert responses[str(code)]["content"] == {"application/json": {"schema": error_ref}}, (key, code)
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    for path, chunk in (
+        ("/v1/completions", "CompletionChunk"),
+        ("/v1/chat/completions", "ChatCompletionChunk"),
+    ):
+        content = operations[("post", path)]["responses"]["200"]["content"]
+        assert set(content) == {"application/json", "text/event-stream"}
+        data = content["text/event-stream"]["itemSchema"]["properties"]["data"]
+        assert {"$ref": f"#/components/schemas/{chunk}"} in data["anyOf"][0]["contentSchema"]["anyOf"]
+        assert chunk in spec["components"]["schemas"]
+    assert set(operations[("get", "/metrics")]["responses"]["200"]["content"]) == {"text/plain"}
+    assert operations[("post", "/admin/reload")]["requestBody"].get("required") is not True  # body optional
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    # this server runs without keys, so the key is optional ({}); with keys it is required (fuzz test)
+    assert operations[("post", "/v1/completions")]["security"] == [{"HTTPBearer": []}, {}]
+    assert "security" not in operations[("get", "/health")]
 
 
 def test_metrics_parse_with_prometheus_parser(client):
@@ -431,6 +490,16 @@ def test_api_keys_are_required_and_never_logged(model_dir, server, tmp_path, cap
     assert c.get("/health").status_code == 200  # probes need no key
     assert "sk-test-secret" not in caplog.text and "sk-wrong" not in caplog.text
     assert "key-" in caplog.text  # requests are logged by key fingerprint
+
+
+def test_the_key_is_checked_before_the_body_schema(model_dir, server, tmp_path):
+    """An unauthenticated client learns nothing about the schema: 401 before any 400."""
+    keys = tmp_path / "keys"
+    keys.write_text("sk-test-secret\n")
+    c = make_client(make_config(model_dir, api_keys_file=str(keys)), {"a": server})
+    r = c.post("/v1/completions", json={"model": MODEL, "prompt": 42, "frobnicate": True})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
 
 
 def test_rate_limit_per_key(model_dir, server):
