@@ -1,1 +1,2 @@
-"""Kubeflow Pipelines: the lifecycle DAG, compiled for a KFP backend or run locally with kfp.local."""
+"""Wiring of the stages into a lifecycle: `lifecycle.run_lifecycle` (behind `lmforge run`), its config
+and its run record. The Kubeflow Pipelines DAG over the same stage functions is coming."""

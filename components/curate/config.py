@@ -56,18 +56,24 @@ class InputConfig:
     text_field: str = "text"  # JSONL: the field holding the document text
     id_field: str | None = "id"  # JSONL: a field holding a stable document id (else file#byte-offset)
     max_document_bytes: int = 16 * MiB  # larger documents are counted as `oversized`, never loaded
+    # Glob patterns of files to leave out (licences, indexes, ...): a pattern without "/" matches a
+    # file's name at any depth ("LICENSE*"), one with "/" its path inside the input ("howto/*.txt").
+    exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.extensions if e not in KNOWN_EXTENSIONS]
         if unknown:
             raise ConfigError(
-                f"extensions has unsupported {unknown}; known: {sorted(KNOWN_EXTENSIONS)} (each may also be gzip'd, e.g. .jsonl.gz)"
+                f"extensions has unsupported {unknown}; known: {sorted(KNOWN_EXTENSIONS)} "
+                "(each may also be gzip'd, e.g. .jsonl.gz)"
             )
         if not self.extensions:
             raise ConfigError("extensions must list at least one extension")
         if not self.text_field:
             raise ConfigError("text_field must be a non-empty field name")
         _check_positive("input", "max_document_bytes", self.max_document_bytes)
+        if any(not isinstance(p, str) or not p.strip() for p in self.exclude):
+            raise ConfigError(f"exclude must hold non-empty glob patterns, got {self.exclude!r}")
 
 
 @dataclass

@@ -103,7 +103,7 @@ def curate(
 
     cfg = config or CurateConfig()
     output_dir = Path(output_dir)
-    sources, s3 = list_sources(inputs, cfg)
+    sources, s3, excluded = list_sources(inputs, cfg)
     prepare_output(output_dir, overwrite)
     tasks = plan_tasks(sources, cfg.task_bytes)
     total_bytes = sum(s.size for s in sources)
@@ -152,6 +152,7 @@ def curate(
             "rejections_file": REJECTIONS,
             "sources": {
                 "files": len(sources),
+                "excluded_files": len(excluded),  # matched input.exclude: never read
                 "bytes_on_disk": total_bytes,
                 "work_units": len(tasks),
                 "workers": workers,

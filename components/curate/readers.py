@@ -7,7 +7,8 @@ a folder is a source; its extension (after an optional `.gz`) says how it is rea
   .jsonl                   one document per non-blank line (its `text` field)
   anything else            counted as one `unsupported_format` document, never opened
 Document ids are stable across machines: `<input folder name>/<relative path>` (a file input: its
-name), plus `#<byte offset>` for a JSONL line without an id field.
+name), plus `#<byte offset>` for a JSONL line without an id field. Files matching `input.exclude`
+are left out at listing time and only counted (`Listing.excluded`).
 
 Memory is bounded by `input.max_document_bytes`: a bigger file, or a longer JSONL line, is counted
 as `oversized` and skipped by streaming over it in 1 MiB chunks, never held whole. Large
@@ -23,8 +24,9 @@ import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 from lmforge.components.curate.config import KNOWN_EXTENSIONS, CurateConfig
 from lmforge.components.curate.normalize import is_binary
@@ -77,15 +79,28 @@ def classify(name: str, extensions: Sequence[str]) -> tuple[str, bool]:
 
 
 # ---- listing (before any work starts) -------------------------------------------------------------
-def list_sources(
-    inputs: Sequence[str | os.PathLike], cfg: CurateConfig
-) -> tuple[list[Source], S3Settings | None]:
+class Listing(NamedTuple):
+    sources: list[Source]
+    s3: S3Settings | None
+    excluded: list[str]  # ids of the files left out by `input.exclude`
+
+
+def is_excluded(relative_path: str, patterns: Sequence[str]) -> bool:
+    """True if a pattern matches: one without "/" against the file name, one with "/" against the
+    path inside the input (where `*` also crosses "/": `howto/*` is everything under howto/)."""
+    name = relative_path.rsplit("/", 1)[-1]
+    return any(fnmatchcase(relative_path if "/" in p else name, p) for p in patterns)
+
+
+def list_sources(inputs: Sequence[str | os.PathLike], cfg: CurateConfig) -> Listing:
     """All sources of all inputs, in a deterministic order; a missing input is an error here."""
     if not inputs:
         raise UserError("no inputs given (pass --input PATH...)")
     settings: S3Settings | None = None
     client = None
     sources: list[Source] = []
+    excluded: list[str] = []
+    patterns = cfg.input.exclude
     for index, raw in enumerate(inputs):
         spec = str(raw)
         if spec.startswith("s3://"):
@@ -99,11 +114,15 @@ def list_sources(
                 if any(part.startswith(".") for part in key.split("/")):
                     continue
                 if key == base:
-                    doc_id = key.rsplit("/", 1)[-1]
+                    rel = doc_id = key.rsplit("/", 1)[-1]
                 elif base:
-                    doc_id = f"{base.rsplit('/', 1)[-1]}/{key[len(base) + 1 :]}"
+                    rel = key[len(base) + 1 :]
+                    doc_id = f"{base.rsplit('/', 1)[-1]}/{rel}"
                 else:
-                    doc_id = f"{b}/{key}"
+                    rel, doc_id = key, f"{b}/{key}"
+                if is_excluded(rel, patterns):
+                    excluded.append(doc_id)
+                    continue
                 kind, gz = classify(key, cfg.input.extensions)
                 sources.append(Source(f"s3://{b}/{key}", doc_id, size, kind, gz, index))
             continue
@@ -111,28 +130,39 @@ def list_sources(
         if not path.exists():
             raise InputNotFoundError(f"input {spec} does not exist")
         if path.is_file():
+            if is_excluded(path.name, patterns):
+                excluded.append(path.name)
+                continue
             kind, gz = classify(path.name, cfg.input.extensions)
             sources.append(Source(str(path.resolve()), path.name, path.stat().st_size, kind, gz, index))
         elif path.is_dir():
             root = path.resolve()
             files: list[tuple[str, Path]] = []
+            left_out = 0
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for name in filenames:
                     full = Path(dirpath) / name
                     if not name.startswith(".") and full.is_file():
-                        files.append((full.relative_to(root).as_posix(), full))
+                        rel = full.relative_to(root).as_posix()
+                        if is_excluded(rel, patterns):
+                            excluded.append(f"{root.name}/{rel}")
+                            left_out += 1
+                        else:
+                            files.append((rel, full))
             # Sorted by relative path, exactly like an object store lists keys: the same corpus
             # read from a folder or from s3:// is processed in the same order (same survivors).
             for rel, full in sorted(files):
                 kind, gz = classify(full.name, cfg.input.extensions)
                 sources.append(Source(str(full), f"{root.name}/{rel}", full.stat().st_size, kind, gz, index))
-            found = len(files)
-            if not found:
-                raise UserError(f"input folder {spec} holds no files")
+            if not files:
+                extra = f" (all {left_out} excluded by input.exclude)" if left_out else ""
+                raise UserError(f"input folder {spec} holds no files{extra}")
         else:
             raise UserError(f"input {spec} is neither a file nor a folder")
-    return sources, settings
+    if not sources and excluded:
+        raise UserError(f"every input file matches input.exclude ({len(excluded)} files): nothing to curate")
+    return Listing(sources, settings, sorted(excluded))
 
 
 def plan_tasks(sources: Sequence[Source], task_bytes: int) -> list[list[Part]]:

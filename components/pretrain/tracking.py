@@ -144,9 +144,9 @@ def open_tracker(enabled: bool, tracking_uri: str | None, run_id: str | None) ->
 
 
 def plot_loss_curve(
-    train: list[tuple[int, float]], val: list[tuple[int, float]], path: str | os.PathLike, title: str
+    train: list[tuple[int, float]], val: list[tuple[int, float]], path: str | os.PathLike, run_name: str
 ) -> Path | None:
-    """Training (and validation) loss against optimizer step, as a PNG."""
+    """Training (and validation) loss against optimizer step, as a PNG titled with the run's name."""
     if not train and not val:
         return None
     import matplotlib
@@ -167,13 +167,14 @@ def plot_loss_curve(
             markersize=3,
         )
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    title = f"Loss of pretraining run '{run_name}'"
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Title": title})  # also in the PNG's text chunk, for tools and tests
     plt.close(fig)
     return path
 

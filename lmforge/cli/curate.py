@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from rich.console import Console
+from rich.markup import escape
 
 from lmforge.cli._args import add_config_args
 
@@ -21,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "document id, and write JSONL shards with datacard.json and datacard.md. Every input document "
             "is kept or counted under exactly one rejection reason."
         ),
-        epilog="example: lmforge curate --input data/sample --output out/data --config configs/curate.yaml "
-        "--set filters.min_words=50 --set num_workers=2",
+        epilog="example: lmforge curate --input data/sample --exclude 'LICENSE*' --exclude SOURCES.md "
+        "--output out/data --config configs/curate.yaml --set filters.min_words=50 --set num_workers=2",
     )
     p.add_argument(
         "--input",
@@ -37,6 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         metavar="DIR",
         help="folder to write <split>/part-*.jsonl and the datacards into",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files matching this pattern: without '/' it matches a file name at any depth "
+        "('LICENSE*'), with '/' the path inside the input ('howto/*'); added to the config's input.exclude "
+        "(repeatable)",
     )
     add_config_args(
         p,
@@ -53,13 +64,15 @@ def _curate(args: argparse.Namespace) -> int:
     from lmforge.config import load
 
     cfg = load(CurateConfig, args.config, args.overrides)
+    if args.exclude:  # replace() re-runs the section's checks on the added patterns
+        cfg.input = dataclasses.replace(cfg.input, exclude=[*cfg.input.exclude, *args.exclude])
     result = curate(args.input, args.output, cfg, overwrite=args.overwrite, progress=not args.no_progress)
     m, card = result.metrics(), result.datacard
     console = Console(soft_wrap=True)
     console.print(
-        f"[green]curated[/green] {m['documents_in']:,} documents ({m['bytes_in']:,} bytes) -> kept {m['documents_kept']:,} "
-        f"({m['bytes_out']:,} bytes): train {m['train_documents']:,}, validation {m['validation_documents']:,}, "
-        f"test {m['test_documents']:,}"
+        f"[green]curated[/green] {m['documents_in']:,} documents ({m['bytes_in']:,} bytes) -> "
+        f"kept {m['documents_kept']:,} ({m['bytes_out']:,} bytes): train {m['train_documents']:,}, "
+        f"validation {m['validation_documents']:,}, test {m['test_documents']:,}"
     )
     rejected = {r: v["documents"] for r, v in card["rejections"].items() if v["documents"]}
     if rejected:
@@ -67,5 +80,8 @@ def _curate(args: argparse.Namespace) -> int:
     pii = {t: n for t, n in card["pii_replacements"].items() if n}
     if pii:
         console.print("PII replaced: " + ", ".join(f"{t} {n:,}" for t, n in pii.items()))
-    console.print(f"datacard: {result.datacard_md_path}")
+    excluded = card["sources"].get("excluded_files", 0)
+    if excluded:
+        console.print(f"excluded: {excluded:,} files matching input.exclude {escape(str(cfg.input.exclude))}")
+    console.print(f"datacard: {escape(str(result.datacard_md_path))}")
     return 0

@@ -37,7 +37,8 @@ EXPECTED_REJECTED = {
     "docs/table.txt": "alpha_fraction",
     "docs/tutorial_copy.rst": "exact_duplicate",
     "docs/tutorial_edited.rst": "near_duplicate",
-    "docs/tutorial.rst": "exact_duplicate",  # kb/tickets.jsonl sorts first, so its copy (kb-002) is the one kept
+    # kb/tickets.jsonl sorts first, so its copy (kb-002) is the one kept
+    "docs/tutorial.rst": "exact_duplicate",
     "kb-007": "empty",
     _ticket_id(2): "invalid_json",
     _ticket_id(3): "missing_text",
@@ -232,10 +233,9 @@ def test_existing_dataset_needs_overwrite(run, tmp_path: Path) -> None:
     assert (out / "notes-by-user.txt").read_text() == "keep me"  # only our own files are replaced
 
 
-def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import lmforge.cli as cli
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.cli.curate"])
     out = tmp_path / "o"
     rc = cli.main(
         [
@@ -276,3 +276,22 @@ def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
         == 2
     )
     assert "jaccard_threshold" in capsys.readouterr().err
+
+
+def test_cli_exclude_leaves_the_sample_licence_and_sources_out(
+    repo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The README / --help example: the bundled sample's LICENSE-PSF.txt and SOURCES.md are not documents."""
+    import lmforge.cli as cli
+
+    out = tmp_path / "o"
+    argv = ["curate", "--input", str(repo_root / "data/sample"), "--exclude", "LICENSE*", "--exclude"]
+    rc = cli.main([*argv, "SOURCES.md", "--output", str(out), "--set", "num_workers=1", "--no-progress"])
+    assert rc == 0
+    card = json.loads((out / "datacard.json").read_text())
+    assert card["sources"]["excluded_files"] == 2
+    assert card["config"]["input"]["exclude"] == ["LICENSE*", "SOURCES.md"]
+    ids = {json.loads(line)["id"] for f in out.glob("*/part-*.jsonl") for line in f.read_text().splitlines()}
+    ids |= {json.loads(line)["id"] for line in (out / "rejections.ndjson").read_text().splitlines()}
+    assert ids and not any(i in ("sample/LICENSE-PSF.txt", "sample/SOURCES.md") for i in ids)
+    assert "excluded: 2 files" in capsys.readouterr().out

@@ -12,6 +12,8 @@ import pytest
 
 from lmforge.components.curate import CurateConfig, curate
 from lmforge.components.curate.readers import Opener, iter_raw_docs, list_sources, plan_tasks
+from lmforge.config import load
+from lmforge.errors import ConfigError, UserError
 
 VOCAB = (
     "the of and to with that have be service operator cluster node restart upgrade log probe timeout "
@@ -89,7 +91,7 @@ def test_jsonl_split_into_byte_ranges_reads_every_line_once(tmp_path: Path) -> N
             if i % 50 == 0:
                 fh.write("\n")  # blank lines are not documents
     cfg = CurateConfig(num_workers=1)
-    sources, _ = list_sources([src], cfg)
+    sources, _, _ = list_sources([src], cfg)
     tasks = plan_tasks(sources, task_bytes=4096)  # ~40 ranges; most lines straddle a range edge
     assert len(tasks) > 30
     seen = [raw.doc_id for t in tasks for part in t for raw in iter_raw_docs(part, cfg, Opener(None))]
@@ -154,7 +156,7 @@ def test_listing_rules(tmp_path: Path) -> None:
     (root / "a.txt").write_text(prose(8))
     (root / "data.csv").write_text("a,b\n")
     cfg = CurateConfig()
-    sources, _ = list_sources([root, root / "a.txt"], cfg)
+    sources, _, _ = list_sources([root, root / "a.txt"], cfg)
     assert [(s.doc_id, s.kind, s.input_index) for s in sources] == [
         ("corpus/a.txt", "text", 0),
         ("corpus/data.csv", "unsupported", 0),
@@ -162,8 +164,48 @@ def test_listing_rules(tmp_path: Path) -> None:
         ("a.txt", "text", 1),
     ]
     cfg.input.extensions = [".md"]
-    sources, _ = list_sources([root], cfg)
+    sources, _, _ = list_sources([root], cfg)
     assert [s.kind for s in sources] == ["unsupported", "unsupported", "text"]
+
+
+def test_exclude_patterns_leave_files_out_and_are_counted(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    (root / "howto").mkdir(parents=True)
+    (root / "LICENSE-PSF.txt").write_text(prose(1))
+    (root / "SOURCES.md").write_text(prose(2))
+    (root / "guide.txt").write_text(prose(3))
+    (root / "howto" / "LICENSE.txt").write_text(prose(4))  # a name pattern matches at any depth
+    (root / "howto" / "sockets.txt").write_text(prose(5))
+    cfg = CurateConfig(num_workers=1)
+    cfg.input.exclude = ["LICENSE*", "SOURCES.md"]
+    listing = list_sources([root], cfg)
+    assert [s.doc_id for s in listing.sources] == ["corpus/guide.txt", "corpus/howto/sockets.txt"]
+    assert listing.excluded == ["corpus/LICENSE-PSF.txt", "corpus/SOURCES.md", "corpus/howto/LICENSE.txt"]
+
+    cfg.input.exclude = ["howto/*"]  # a pattern with "/" matches the path inside the input
+    assert [s.doc_id for s in list_sources([root], cfg).sources] == [
+        "corpus/LICENSE-PSF.txt",
+        "corpus/SOURCES.md",
+        "corpus/guide.txt",
+    ]
+
+    cfg.input.exclude = ["LICENSE*", "SOURCES.md"]
+    res = curate([root], tmp_path / "out", cfg, progress=False)
+    assert res.datacard["sources"] == {**res.datacard["sources"], "files": 2, "excluded_files": 3}
+    assert res.datacard["documents"]["in"] == 2  # excluded files are not documents
+    assert res.datacard["config"]["input"]["exclude"] == ["LICENSE*", "SOURCES.md"]
+
+
+def test_excluding_every_file_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "LICENSE").write_text("licence text")
+    cfg = CurateConfig()
+    cfg.input.exclude = ["LICENSE"]
+    with pytest.raises(UserError, match="excluded by input.exclude"):
+        list_sources([root], cfg)
+    with pytest.raises(ConfigError, match="exclude"):
+        load(CurateConfig, overrides=["input.exclude=['']"])
 
 
 @pytest.mark.parametrize("bad", ["s3://", "s3:///prefix"])

@@ -1,0 +1,162 @@
+"""The `lmforge run` config: one section per step, every section validated before any step starts.
+
+`lmforge.config.load(LifecycleConfig, "configs/demo.yaml", ["tokenizer.vocab_size=600"])` checks each
+section on its own (types, ranges, names) while the YAML is read. `LifecycleConfig.check()` then
+builds the pretraining config with this run's paths and checks what only the sections together
+can tell (a model vocabulary smaller than the tokenizer's, an evaluation split curation never
+fills). `run_lifecycle` calls it first, so a bad value fails before curation touches the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.components.curate.config import CurateConfig
+from lmforge.components.pretrain.config import PretrainConfig
+from lmforge.errors import InputNotFoundError
+from lmforge.model.config import ConfigError
+
+_ALIAS = re.compile(r"^[\w\-]+$")  # MLflow's rule for alias names
+_VERSION_LIKE = re.compile(r"^[vV]\d+$")  # MLflow reserves these (they name versions)
+
+
+@dataclass
+class TokenizerSection:
+    vocab_size: int = 8192  # total ids including the 256 bytes and the special tokens
+    min_frequency: int = 2
+    holdout_fraction: float = 0.1  # of the curated train documents, for the fertility report
+
+    def __post_init__(self) -> None:
+        from lmforge.components.tokenizer import BYTE_ALPHABET_SIZE, SpecialTokens
+
+        minimum = BYTE_ALPHABET_SIZE + len(SpecialTokens().all())
+        if self.vocab_size < minimum:
+            raise ConfigError(
+                f"vocab_size={self.vocab_size} is too small: it must hold the {BYTE_ALPHABET_SIZE} byte "
+                f"tokens and the {minimum - BYTE_ALPHABET_SIZE} special tokens (at least {minimum})"
+            )
+        if self.min_frequency < 1:
+            raise ConfigError(f"min_frequency must be >= 1, got {self.min_frequency}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+
+
+@dataclass
+class GenerateSection:
+    prompts: list[str] = field(default_factory=lambda: ["The Python tutorial"])
+    max_new_tokens: int = 48
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 40
+    seed: int = 0  # prompt i is sampled with seed + i
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ConfigError("prompts must hold at least one prompt")
+        if any(not p.strip() for p in self.prompts):
+            raise ConfigError("prompts must not hold an empty prompt")
+        try:  # the generation code's own checks, before any step runs
+            self.sampling(0)
+        except ConfigError as err:
+            raise ConfigError(str(err).removeprefix("sampling.")) from None
+
+    def sampling(self, index: int):
+        """The sampling parameters of prompt `index`."""
+        from lmforge.model.generation import SamplingParams
+
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self.seed + index,
+        )
+
+
+@dataclass
+class RegisterSection:
+    enabled: bool = True
+    model_name: str = "lmforge-demo"  # registered model name in MLflow
+    alias: str = "candidate"  # alias pointed at the new version (promote to e.g. "champion" later)
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip() or any(c in self.model_name for c in "/:@"):
+            raise ConfigError(
+                f"model_name must be a non-empty name without '/', ':' or '@', got {self.model_name!r}"
+            )
+        if not _ALIAS.match(self.alias) or len(self.alias) > 255:
+            raise ConfigError(f"alias must be letters, digits, '_' or '-' (at most 255), got {self.alias!r}")
+        if self.alias.lower() == "latest" or _VERSION_LIKE.match(self.alias):
+            raise ConfigError(f"alias {self.alias!r} is reserved by MLflow (it names versions)")
+
+
+@dataclass
+class LifecycleConfig:
+    workdir: str = ".lmforge/demo"  # every stage writes under it: data/, tokenizer/, tokens/, pretrain/
+    inputs: list[str] = field(default_factory=lambda: ["data/sample/python-docs"])  # paths or s3:// URIs
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    # output_dir and data.shards_dir are set by the run (under workdir) unless given explicitly;
+    # run_name defaults to register.model_name
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    register: RegisterSection = field(default_factory=RegisterSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+
+    def __post_init__(self) -> None:
+        if not self.workdir:
+            raise ConfigError("workdir must not be empty")
+        if not self.inputs:
+            raise ConfigError("inputs must name at least one path or s3:// URI")
+
+    def pretrain_config(self) -> PretrainConfig:
+        """The pretraining config with this run's paths filled in (validated like `lmforge pretrain`'s)."""
+        from lmforge.config import build
+
+        raw = json.loads(json.dumps(self.pretrain))  # deep copy
+        work = Path(self.workdir).expanduser().resolve()
+        raw.setdefault("output_dir", str(work / "pretrain"))
+        raw.setdefault("run_name", self.register.model_name)
+        if not isinstance(raw.setdefault("data", {}), dict):
+            raise ConfigError("invalid config: pretrain.data must be a section")
+        raw["data"].setdefault("shards_dir", str(work / "tokens"))
+        try:
+            return build(PretrainConfig, raw)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("invalid config: ", "invalid config: pretrain.")) from None
+
+    def check(self) -> PretrainConfig:
+        """Everything the sections can only tell together, and that the local inputs exist;
+        returns the pretraining config."""
+        missing = [i for i in self.inputs if not str(i).startswith("s3://") and not Path(i).exists()]
+        if missing:
+            raise InputNotFoundError(f"inputs: {', '.join(missing)} does not exist")
+        pretrain = self.pretrain_config()
+        model_vocab = pretrain.model.overrides.get("vocab_size")
+        if (
+            pretrain.model.init_from is None
+            and model_vocab is not None
+            and model_vocab < self.tokenizer.vocab_size
+        ):
+            raise ConfigError(
+                f"invalid config: pretrain.model.overrides.vocab_size={model_vocab} is smaller than "
+                f"tokenizer.vocab_size={self.tokenizer.vocab_size}; leave it unset to take the tokenizer's"
+            )
+        if pretrain.eval.every:
+            shares = {
+                "train": 1.0,
+                "validation": self.curate.split.validation,
+                "test": self.curate.split.test,
+            }
+            if pretrain.eval.split not in shares:
+                raise ConfigError(
+                    f"invalid config: pretrain.eval.split={pretrain.eval.split!r}: curation writes only "
+                    "train, validation and test"
+                )
+            if not shares[pretrain.eval.split]:
+                raise ConfigError(
+                    f"invalid config: pretrain.eval.split={pretrain.eval.split!r} will be empty "
+                    f"(curate.split.{pretrain.eval.split}=0); give it a share or set pretrain.eval.every=0"
+                )
+        return pretrain
