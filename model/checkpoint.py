@@ -59,7 +59,8 @@ def save_model_dir(
     extra_metadata: dict | None = None,
     extra_files: dict[str, str | os.PathLike] | None = None,
 ) -> Path:
-    """Write the model (and tokenizer files) atomically: into a temp dir, then renamed into place.
+    """Write the model (and tokenizer files) atomically: into a temp dir, then renamed into place,
+    with the permissions the process umask gives new files (not the temp dir's private ones).
 
     `extra_files` maps a name in the directory to a file copied there last (e.g. an imported
     checkpoint's own generation_config.json, which may list several eos ids)."""
@@ -89,6 +90,7 @@ def save_model_dir(
             copy_tokenizer_files(tokenizer_dir, tmp)
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, tmp / name)
+        apply_umask_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -96,6 +98,36 @@ def save_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): the set-and-restore fallback
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_permissions(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the modes a plain mkdir/open would have given them.
+
+    `tempfile.mkdtemp` creates its directory 0700 and safetensors writes 0600 files, and the atomic
+    rename carries those modes into the final model directory: other users, or a serving pod running
+    as another uid, could not read it. A published artifact follows the umask (0755/0644 by default)."""
+    umask = current_umask()
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    root = Path(root)
+    os.chmod(root, dir_mode)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

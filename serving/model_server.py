@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import InputNotFoundError
+from lmforge.errors import InputNotFoundError, UserError
+from lmforge.model.checkpoint import read_config, weight_files
 from lmforge.registry import RegistryClient, ResolvedVersion, is_registry_uri, parse_model_uri
 from lmforge.serving.config import ServeConfig
 from lmforge.serving.protocol import APIError, GenerationRequest
@@ -33,14 +34,37 @@ class ModelLoadError(RuntimeError):
     """Neither the model nor its fallback could be loaded."""
 
 
+def fallback_for(cfg: ServeConfig, variant: str) -> str | None:
+    """The source a variant loads when its own cannot be loaded: `fallback_model`; version B also
+    falls back to version A, so a broken challenger never takes the service down."""
+    return cfg.fallback_model if variant == "a" else (cfg.fallback_model or cfg.model)
+
+
+def check_source(source: str, registry: Callable[[], RegistryClient]) -> str:
+    """Check, without loading any weights, that a replica could load `source`; returns its label.
+
+    Run before Ray starts (see `serving.app.check_models`), so a missing directory, an incomplete
+    one or an unknown registry alias is one line at once, not a replica failing three times
+    minutes later. Raises a user error (`UserError` / `ConfigError`) naming what is wrong."""
+    if is_registry_uri(source):
+        return registry().resolve(parse_model_uri(source)).label
+    path = Path(source)
+    if not path.is_dir():
+        raise InputNotFoundError(f"model directory {path} does not exist")
+    read_config(path)  # config.json present, valid, and an architecture lmforge can run
+    weight_files(path)  # safetensors present (pickled-only checkpoints are refused)
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"{path} has no tokenizer.json: the server needs the model's own tokenizer")
+    return path.resolve().name
+
+
 class ModelServer:
     def __init__(
         self, cfg: ServeConfig, variant: str = "a", *, replica: str = "local", poll: bool = True
     ) -> None:
         self.cfg, self.variant, self.replica = cfg, variant, replica
         self.source = cfg.variants[variant]
-        # version B falls back to version A, so a broken challenger never takes the service down
-        self.fallback = cfg.fallback_model if variant == "a" else (cfg.fallback_model or cfg.model)
+        self.fallback = fallback_for(cfg, variant)
         self._registry: RegistryClient | None = None
         self._swap_lock = threading.Lock()  # one load/swap at a time
         self.current: ModelRunner

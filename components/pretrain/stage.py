@@ -1,6 +1,6 @@
 """The pretraining stage function: `pretrain(config) -> PretrainResult`.
 
-One code path for the CLI (`lmforge pretrain`), the tests and the KFP component:
+One code path for the CLI (`lmforge pretrain`), `lmforge run` and the tests:
   1. preflight, before any Ray or process group exists: paths made absolute, the token shards
      read, the model config resolved (vocabulary from the data), resume target chosen;
   2. an MLflow run opened (or the resumed run reopened): params, the config file;
@@ -45,12 +45,13 @@ class PretrainResult:
 
 
 def pretrain(
-    cfg: PretrainConfig, *, resume: str | None = None, on_step: OnStep | None = None
+    cfg: PretrainConfig, *, resume: str | None = None, on_step: OnStep | None = None, verbose: bool = True
 ) -> PretrainResult:
     """Train a model as configured. `resume`: None (fresh; refuses an output_dir that holds
     checkpoints), "auto" (continue from the newest checkpoint there, if any) or a checkpoint path.
     `on_step(step, rank)` is called on every worker after each optimizer step (tests use it to
-    inject failures)."""
+    inject failures). On Ray, Ray's and the workers' logs go to <output_dir>/logs/; `verbose`
+    prints them on the console as well (otherwise only the `[pretrain]` lines appear)."""
     cfg = absolute_paths(cfg)
     model_cfg, tokenizer_dir = preflight(cfg)
     start = checkpointing.resolve_resume(resume, cfg.checkpoints_dir())
@@ -115,6 +116,7 @@ def pretrain(
                 info=info,
                 on_step=on_step,
                 tracking={"uri": tracker.tracking_uri, "run_id": tracker.run_id},
+                verbose=verbose,
             )
             metrics = {k: float(v) for k, v in reported.items() if "/" in k}
             preempted, step = bool(reported.get("preempted")), int(reported.get("step", 0))
@@ -136,9 +138,7 @@ def pretrain(
 
         train_curve = tracker.metric_history("train/loss") or _series(history, "train/loss")
         val_curve = tracker.metric_history("val/loss") or _series(history, "val/loss")
-        curve = plot_loss_curve(
-            train_curve, val_curve, out / "loss_curve.png", f"pretrain {cfg.resolved_run_name}"
-        )
+        curve = plot_loss_curve(train_curve, val_curve, out / "loss_curve.png", cfg.resolved_run_name)
         if curve is not None:
             tracker.log_artifact(curve)
         if model_dir is not None and cfg.tracking.log_model:
@@ -206,7 +206,8 @@ def preflight(cfg: PretrainConfig) -> tuple[ModelConfig, str | None]:
         raise ConfigError(f"model.init_from: {err}") from None
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds the model's context (max_seq_len={model_cfg.max_seq_len})"
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's context "
+            f"(max_seq_len={model_cfg.max_seq_len})"
         )
     for split in ["train"] + ([cfg.eval.split] if cfg.eval.every else []):
         try:  # enough tokens for one sequence per worker (opens memmaps only)
@@ -229,7 +230,7 @@ def preflight(cfg: PretrainConfig) -> tuple[ModelConfig, str | None]:
 
 
 def result_summary(result: PretrainResult) -> dict[str, Any]:
-    """JSON-friendly summary (the CLI prints it; the KFP component stores it as metadata)."""
+    """JSON-friendly summary (the CLI prints it)."""
     return {
         "output_dir": str(result.output_dir),
         "model_dir": str(result.model_dir) if result.model_dir else None,

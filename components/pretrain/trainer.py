@@ -14,13 +14,17 @@ as it does after a failure. An explicit `--resume PATH` into a fresh directory i
 workers and used only while Ray has no checkpoint of its own.
 
 Preemption: SIGTERM (or a first Ctrl-C) to the driver sets a flag in a small actor; rank 0 polls it
-on log steps and the workers agree (one all-reduce), checkpoint, and return. `ray.train.report` is called only with
-checkpoints (each call is a barrier that costs up to RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
-default); metrics go to MLflow directly from rank 0.
+on log steps and the workers agree (one all-reduce), checkpoint, and return. `ray.train.report` is
+called only with checkpoints (each call is a barrier that costs up to
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); metrics go to MLflow directly from rank 0.
+
+Output: Ray's own logs and everything the workers print go to <output_dir>/logs/pretrain-*.log
+(`lmforge.ray_logs`); the console shows rank 0's `[pretrain]` lines, once each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -41,8 +45,10 @@ from lmforge.components.pretrain.env import RunEnv, graceful_stop
 from lmforge.components.pretrain.loop import OnStep, train
 from lmforge.components.pretrain.tracking import open_tracker
 from lmforge.model.config import ModelConfig
+from lmforge.ray_logs import RayLogs, default_log_file
 
 RAY_RUN_NAME = "checkpoints"  # Ray's run directory = <output_dir>/checkpoints
+CONSOLE_PREFIX = "[pretrain] "  # rank 0's progress and notices: the worker lines a user sees
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # Forwarded to the workers when set in the driver (they may have been started before it was set).
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "MLFLOW_S3_ENDPOINT_URL", "DS_ACCELERATOR")
@@ -147,8 +153,10 @@ def _fit(trainer: TorchTrainer, stop_flag: Any) -> ray.train.Result:
     return outcome["result"]
 
 
-def _ensure_ray(cfg: PretrainConfig) -> bool:
-    """Connect to $RAY_ADDRESS / ray.address, or start a local Ray. True if we started it."""
+def _ensure_ray(cfg: PretrainConfig, logs: RayLogs | None) -> bool:
+    """Connect to $RAY_ADDRESS / ray.address, or start a local Ray. True if we started it; then
+    Ray's and the workers' output go through `logs` (a log file; the console shows only lines
+    starting with CONSOLE_PREFIX, unless verbose)."""
     if ray.is_initialized():
         return False
     repo = str(Path(__file__).resolve().parents[2])  # so workers import model/ and components/
@@ -157,8 +165,17 @@ def _ensure_ray(cfg: PretrainConfig) -> bool:
         address=cfg.ray.address,
         include_dashboard=False,
         log_to_driver=True,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        runtime_env={
+            "env_vars": {
+                "PYTHONPATH": pythonpath,
+                # Ray Train otherwise copies every print() of a worker into its logger too: each
+                # progress line would reach the driver twice (stdout and stderr)
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+            }
+        },
     )
+    if logs is not None:
+        logs.ray_started()
     return True
 
 
@@ -170,9 +187,32 @@ def run_on_ray(
     info: dict[str, Any],
     tracking: dict[str, str | None],
     on_step: OnStep | None = None,
+    verbose: bool = True,
 ) -> tuple[Path | None, dict[str, Any]]:
-    """Train on Ray; returns (newest checkpoint path, rank 0's last reported metrics)."""
-    started = _ensure_ray(cfg)
+    """Train on Ray; returns (newest checkpoint path, rank 0's last reported metrics).
+
+    When this call starts Ray, Ray's and the workers' logs go to <output_dir>/logs/pretrain-*.log;
+    the console gets rank 0's `[pretrain]` lines only, or everything as well when `verbose`."""
+    logs = None
+    if not ray.is_initialized():
+        log_file = default_log_file("pretrain", Path(cfg.output_dir) / "logs")
+        logs = RayLogs(log_file, verbose=verbose, show=lambda line: line.startswith(CONSOLE_PREFIX))
+        note = "" if verbose else " (--verbose also prints them here)"
+        print(f"{CONSOLE_PREFIX}Ray's and the workers' logs: {log_file}{note}", flush=True)
+    with logs or contextlib.nullcontext():
+        return _run_on_ray(cfg, model_cfg, resume_from, info, tracking, on_step, logs)
+
+
+def _run_on_ray(
+    cfg: PretrainConfig,
+    model_cfg: ModelConfig,
+    resume_from: Path | None,
+    info: dict[str, Any],
+    tracking: dict[str, str | None],
+    on_step: OnStep | None,
+    logs: RayLogs | None,
+) -> tuple[Path | None, dict[str, Any]]:
+    started = _ensure_ray(cfg, logs)
     try:
         run_dir = cfg.checkpoints_dir()
         if checkpointing.find_latest(run_dir) is None:

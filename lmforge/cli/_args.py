@@ -25,3 +25,13 @@ def add_config_args(
         metavar="KEY=VALUE",
         help=f"override a config field, e.g. --set {example} (repeatable)",
     )
+
+
+def add_device_arg(parser: argparse.ArgumentParser, *, default: str = "cpu") -> None:
+    """Add `--device`. The verb checks the value with `lmforge.devices.check_device` before any work,
+    so a malformed or absent device is one line (exit 2), never a traceback from deep in torch."""
+    from lmforge.devices import CHOICES
+
+    parser.add_argument(
+        "--device", default=default, metavar="DEVICE", help=f"torch device: {CHOICES} (default {default})"
+    )

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lmforge.cli._args import add_device_arg
 from lmforge.errors import UserError
 
 
@@ -17,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate text from a model directory",
-        description="Continue a prompt with a model directory (config.json + model.safetensors + tokenizer.json) "
-        "and print the generated text.",
+        description="Continue a prompt with a model directory (config.json + model.safetensors + "
+        "tokenizer.json) and print the generated text.",
     )
     parser.add_argument(
         "--model", required=True, metavar="DIR", help="model directory (Hugging Face Llama layout)"
@@ -82,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--verbose", action="store_true", help="report tokens/s and time to first token on stderr"
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_arg(parser, default="cpu")
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -93,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmforge.devices import check_device
     from lmforge.model.checkpoint import dtype_from_name
     from lmforge.model.generation import SamplingParams
     from lmforge.serving.textgen import generate_from_dir
@@ -108,10 +110,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--num-beams must be >= 1, got {args.num_beams}")
     if args.stream and args.num_beams > 1:
         raise UserError(
-            "--stream cannot be combined with --num-beams > 1 (beam search knows the best text only at the end)"
+            "--stream cannot be combined with --num-beams > 1 "
+            "(beam search knows the best text only at the end)"
         )
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model} is not a directory")
+    device = check_device(args.device)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         regex_pattern=args.regex,
         draft_model_dir=args.draft_model,
         num_draft_tokens=args.num_draft_tokens,
-        device=args.device,
+        device=str(device),
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
         compile=args.compile,
         on_text=show if args.stream else None,
@@ -152,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         )
         rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s else "n/a"
         print(
-            f"prompt tokens: {result.prompt_tokens}  generated: {len(result.token_ids)} ({result.finish_reason})  "
+            f"prompt tokens: {result.prompt_tokens}  "
+            f"generated: {len(result.token_ids)} ({result.finish_reason})  "
             f"time to first token: {ttft}  decode: {rate}  total: {result.elapsed_s:.2f} s",
             file=sys.stderr,
         )
