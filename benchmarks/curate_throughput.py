@@ -6,9 +6,9 @@
 Each run is `curate()` in a fresh child process while this script polls the resident memory of that
 process and all its workers every 20 ms; the peak is the largest sum seen. Throughput is input MB
 over the time spent inside `curate()` (worker start-up included, interpreter/import start-up not:
-that is reported separately as wall seconds). The 10x corpus is the sample repeated with variation: copy k > 0 of
-each file has ~15% of its words replaced (seeded), so the copies are not duplicates and survive
-dedup, the worst case for the dedup index. Corpus: data/sample, else /work/shared/sample, else a
+that is reported separately as wall seconds). The 10x corpus is the sample repeated with variation:
+copy k > 0 of each file has ~15% of its words replaced (seeded), so the copies are not duplicates
+and survive dedup, the worst case for the dedup index. Corpus: data/sample, else /work/shared/sample, else a
 generated one. Prints one JSON line per run; "mb_per_s_per_core" = input MB / curate() seconds / workers, and,
 because a shared machine's load skews wall time, "mb_per_cpu_second" = input MB / CPU seconds of the
 whole process tree (interpreter and import start-up included).
@@ -64,6 +64,12 @@ def generate_corpus(root: Path, size: int) -> Path:
 _WORD = re.compile(r"[A-Za-z]{3,}")
 
 
+def _swap_words(text: str, rng: random.Random, share: float) -> str:
+    """`text` with about `share` of its words replaced by other words of the same text."""
+    words = _WORD.findall(text) or ["word"]
+    return _WORD.sub(lambda m: rng.choice(words) if rng.random() < share else m.group(0), text)
+
+
 def build_repeated(src: Path, dst: Path, repeat: int, share: float = 0.15) -> int:
     """dst/copyK/... for K < repeat: copy 0 verbatim, others with `share` of the words swapped."""
     total = 0
@@ -75,13 +81,8 @@ def build_repeated(src: Path, dst: Path, repeat: int, share: float = 0.15) -> in
             if k == 0 or f.suffix not in (".txt", ".md", ".rst", ".html"):
                 shutil.copyfile(f, out)
             else:
-                rng = random.Random(f"{k}/{f}")
                 text = f.read_text(encoding="utf-8", errors="replace")
-                words = _WORD.findall(text) or ["word"]
-                out.write_text(
-                    _WORD.sub(lambda m: rng.choice(words) if rng.random() < share else m.group(0), text),
-                    encoding="utf-8",
-                )
+                out.write_text(_swap_words(text, random.Random(f"{k}/{f}"), share), encoding="utf-8")
             total += out.stat().st_size
     return total
 

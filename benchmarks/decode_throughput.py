@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.model.config import ModelConfig  # noqa: E402
-from lmforge.model.decode_layout import apply_decode_layout  # noqa: E402
-from lmforge.model.engine import Engine  # noqa: E402
-from lmforge.model.generation import SamplingParams, generate  # noqa: E402
-from lmforge.model.transformer import Transformer  # noqa: E402
+from lmforge.model.config import ModelConfig
+from lmforge.model.decode_layout import apply_decode_layout
+from lmforge.model.engine import Engine
+from lmforge.model.generation import SamplingParams, generate
+from lmforge.model.transformer import Transformer
 
 
 def emit(record: dict, out: Path | None) -> None:
@@ -222,7 +222,7 @@ def gpu_batch1(args, out: Path | None) -> None:
             # one engine for all runs: its compiled decode step is built (and CUDA graphs recorded) once
             engine = Engine(model, num_slots=1, max_len=len(prompt) + n, compile=compile_)
 
-            def run():
+            def run(engine: Engine = engine) -> None:  # bound now: `engine` changes each iteration
                 engine.submit(prompt, params)
                 while engine.has_work():
                     engine.step()

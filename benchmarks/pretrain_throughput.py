@@ -1,4 +1,4 @@
-"""Pretraining throughput: the real lmforge training loop (forward, backward, clipping, AdamW step,
+r"""Pretraining throughput: the real lmforge training loop (forward, backward, clipping, AdamW step,
 LR schedule, data loading) in tokens/s, against transformers' LlamaForCausalLM driven by the same
 optimizer, schedule, clipping and batches, at identical dimensions and identical initial weights.
 
@@ -13,7 +13,8 @@ CPU (default): lmforge vs Hugging Face, eager (and with --compile, both with eve
 interleaved rounds so machine noise hits both alike; prints one JSON line per figure and the
 ratios against Hugging Face eager.
 
-    python benchmarks/pretrain_throughput.py --preset small --layers 4 --d-model 256 --seq-len 256 --batch-size 8
+    python benchmarks/pretrain_throughput.py --preset small --layers 4 --d-model 256 \
+        --seq-len 256 --batch-size 8
 
 GPU (--gpu): the seed-1.3b model at seq 2048 in bf16 on one GPU through the loop, compiled blocks,
 fused AdamW; prints tokens/s and MFU (anchors.md formula, peak from the device name). Under five
@@ -40,18 +41,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.components.pretrain import loop  # noqa: E402
-from lmforge.components.pretrain.config import PretrainConfig  # noqa: E402
-from lmforge.components.pretrain.env import RunEnv  # noqa: E402
-from lmforge.components.pretrain.optim import build_optimizer, build_scheduler, param_groups  # noqa: E402
-from lmforge.components.pretrain.strategies import FUSED_ADAMW_DEVICES  # noqa: E402
-from lmforge.components.pretrain.tracking import Tracker  # noqa: E402
-from lmforge.components.token_dataset import INDEX_FORMAT, INDEX_VERSION, PackedTokenDataset  # noqa: E402
-from lmforge.components.tokenize_shards import ShardWriter, write_index  # noqa: E402
-from lmforge.config import build  # noqa: E402
-from lmforge.model.checkpoint import save_model_dir  # noqa: E402
-from lmforge.model.config import ModelConfig  # noqa: E402
-from lmforge.model.transformer import Transformer  # noqa: E402
+from lmforge.components.pretrain import loop
+from lmforge.components.pretrain.config import PretrainConfig
+from lmforge.components.pretrain.env import RunEnv
+from lmforge.components.pretrain.optim import build_optimizer, build_scheduler, param_groups
+from lmforge.components.pretrain.strategies import FUSED_ADAMW_DEVICES
+from lmforge.components.pretrain.tracking import Tracker
+from lmforge.components.token_dataset import INDEX_FORMAT, INDEX_VERSION, PackedTokenDataset
+from lmforge.components.tokenize_shards import ShardWriter, write_index
+from lmforge.config import build
+from lmforge.model.checkpoint import save_model_dir
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 
 
 def write_random_shards(root: Path, vocab_size: int, n_tokens: int) -> Path:

@@ -157,7 +157,7 @@ async def http_request(client, url, headers, model_id, prompt, max_tokens) -> di
                     ttft = time.perf_counter() - start
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
-    except Exception as err:  # noqa: BLE001 - a failed request is a data point, not a crash
+    except Exception as err:  # a failed request is a data point, not a crash
         return {
             "ok": False,
             "status": repr(err),
@@ -223,13 +223,12 @@ async def engine_level(driver, tokenizer, bos_id, concurrency, total, max_tokens
 
 
 def run_in_process(model_dir, num_slots, max_queue, levels, max_tokens) -> list[Row]:
-    from tokenizers import Tokenizer
-
     from lmforge.model.checkpoint import load_model_dir
     from lmforge.model.engine import Engine, EngineDriver
+    from lmforge.tokenizer_files import load_tokenizer
 
     model = load_model_dir(model_dir)
-    tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    tokenizer = load_tokenizer(model_dir)
     rows = []
     with EngineDriver(Engine(model, num_slots=num_slots, max_queue=max_queue)) as driver:
         asyncio.run(engine_level(driver, tokenizer, model.config.bos_token_id, 1, 2, max_tokens))  # warm-up
@@ -288,7 +287,8 @@ def markdown(rows: list[Row], overload: dict | None, meta: dict) -> str:
     for r in rows:
         lines.append(
             f"| {r.mode} | {r.concurrency} | {r.requests} | {r.failed} | {r.requests_per_s} | "
-            f"{r.tokens_per_s} | {r.latency_p50_ms} | {r.latency_p95_ms} | {r.ttft_p50_ms} | {r.ttft_p95_ms} |"
+            f"{r.tokens_per_s} | {r.latency_p50_ms} | {r.latency_p95_ms} | "
+            f"{r.ttft_p50_ms} | {r.ttft_p95_ms} |"
         )
     by = {(r.mode, r.concurrency): r for r in rows}
     lines.append("")
@@ -322,7 +322,8 @@ def main() -> int:
         "--max-queued",
         type=int,
         default=16,
-        help="requests waiting at the router once the replica holds slots + queue (Serve max_queued_requests)",
+        help="requests waiting at the router once the replica holds slots + queue "
+        "(Serve max_queued_requests)",
     )
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--levels", default="1:8,8:32,32:64", help="concurrency:requests pairs")

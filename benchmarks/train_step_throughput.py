@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.model.checkpoint import save_model_dir  # noqa: E402
-from lmforge.model.config import ModelConfig  # noqa: E402
-from lmforge.model.transformer import Transformer, cross_entropy_loss  # noqa: E402
+from lmforge.model.checkpoint import save_model_dir
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer, cross_entropy_loss
 
 
 def lmforge_step(model, ids):
@@ -101,7 +101,10 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) / args.steps)
 
     tokens = args.batch_size * args.seq_len
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}"
+    machine = (
+        f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
     results = {}
     for name, ts in times.items():
         best = min(ts)  # least-disturbed round

@@ -1,2 +1,2 @@
 """Lifecycle stages: each module holds one stage's logic as plain typed functions (called by the
-CLI, the tests and the stage's KFP component) — one code path everywhere."""
+CLI, `lmforge run` and the tests) — one code path everywhere."""

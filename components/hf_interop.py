@@ -113,7 +113,8 @@ def export_hf(
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("quantization"):
         raise UserError(
-            f"{src} is quantized ({meta['quantization'].get('scheme', '?')}); export the full-precision model instead"
+            f"{src} is quantized ({meta['quantization'].get('scheme', '?')}); "
+            "export the full-precision model instead"
         )
     model = load_model_dir(src, dtype=dtype_from_name(dtype) if dtype else None)
     has_tokenizer = (src / "tokenizer.json").is_file()

@@ -53,7 +53,8 @@ def read_index(shards_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise UserError(
-            f"{path}: format must be {INDEX_FORMAT!r}, got {index.get('format') if isinstance(index, dict) else index!r}"
+            f"{path}: format must be {INDEX_FORMAT!r}, "
+            f"got {index.get('format') if isinstance(index, dict) else index!r}"
         )
     if index.get("version") != INDEX_VERSION:
         raise UserError(
@@ -116,7 +117,8 @@ class PackedTokenDataset:
             actual = path.stat().st_size
             if actual != n * self.dtype.itemsize:
                 raise UserError(
-                    f"token shard {path} holds {actual} bytes but the index says {n} {self.dtype.name} tokens "
+                    f"token shard {path} holds {actual} bytes but the index says "
+                    f"{n} {self.dtype.name} tokens "
                     f"({n * self.dtype.itemsize} bytes): the shard is truncated or the index is stale"
                 )
             if n:
@@ -262,7 +264,8 @@ class PackedTokenDataset:
             if state[key] != getattr(self, key):
                 raise UserError(
                     f"dataset state does not match this dataset: {key} is {state[key]!r} in the state "
-                    f"but {getattr(self, key)!r} here (the data or the data config changed since the checkpoint)"
+                    f"but {getattr(self, key)!r} here "
+                    "(the data or the data config changed since the checkpoint)"
                 )
         epoch, cursor, old_ws = int(state["epoch"]), int(state["cursor"]), int(state["world_size"])
         if epoch < 0 or cursor < 0 or old_ws < 1:
@@ -274,7 +277,8 @@ class PackedTokenDataset:
             cursor = min(consumed // self.world_size, self.num_sequences)
             if consumed % self.world_size:
                 warnings.warn(
-                    f"resuming with world_size={self.world_size} from a state saved with world_size={old_ws}: "
+                    f"resuming with world_size={self.world_size} "
+                    f"from a state saved with world_size={old_ws}: "
                     f"{consumed % self.world_size} sequence(s) of epoch {epoch} will be seen twice",
                     stacklevel=2,
                 )

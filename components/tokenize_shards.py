@@ -2,7 +2,8 @@
 
 Input: a curated dataset directory (`lmforge curate` output): one subdirectory per split holding
 JSONL shards (`part-*.jsonl`, optionally gzip'd) with a "text" field per line. Tokenizer: a
-directory with a Hugging Face `tokenizer.json` and a `tokenizer_config.json` naming `eos_token`.
+directory with a Hugging Face `tokenizer.json` and a `tokenizer_config.json` naming `eos_token`
+(read with `lmforge.tokenizer_files.load_tokenizer` / `TokenizerInfo`, like every other stage).
 
 Output (read by `components.token_dataset.PackedTokenDataset`):
     <output>/index.json                 what is where (format below)
@@ -11,7 +12,8 @@ Output (read by `components.token_dataset.PackedTokenDataset`):
 index.json = {"format": "lmforge-token-shards", "version": 1, "dtype": "uint16", "vocab_size": V,
               "eos_id": E, "tokenizer_sha256": sha256(tokenizer.json), "tokenizer_dir": ...,
               "data_dir": ..., "data_content_sha256": (from the datacard, if any), "shard_tokens": N,
-              "splits": {split: {"num_tokens", "num_documents", "shards": [{"file", "num_tokens", "sha256"}]}}}
+              "splits": {split: {"num_tokens", "num_documents",
+                                 "shards": [{"file", "num_tokens", "sha256"}]}}}
 A document may continue from one shard into the next: a split is one token stream, sharding only
 bounds file sizes. The index is written last (atomically), so its presence marks a complete run.
 
@@ -95,32 +97,16 @@ def iter_texts(path: Path) -> Iterator[str]:
             yield text
 
 
-def load_tokenizer(tokenizer_dir: str | Path):
-    """The tokenizer, its eos token id and the sha256 of tokenizer.json (read straight from the files)."""
-    from tokenizers import Tokenizer
+def read_tokenizer(tokenizer_dir: str | Path):
+    """The tokenizer, its eos token id and the sha256 of tokenizer.json. Every document ends with the
+    eos token, so a tokenizer without one is refused."""
+    from lmforge.components.tokenizer import TokenizerInfo
+    from lmforge.tokenizer_files import load_tokenizer
 
-    tokenizer_dir = Path(tokenizer_dir)
-    tok_file, cfg_file = tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json"
-    if not tok_file.is_file():
-        raise InputNotFoundError(
-            f"tokenizer directory {tokenizer_dir} has no tokenizer.json (train one with `lmforge tokenizer train`)"
-        )
-    if not cfg_file.is_file():
-        raise InputNotFoundError(
-            f"tokenizer directory {tokenizer_dir} has no tokenizer_config.json (it names the eos token)"
-        )
-    tokenizer = Tokenizer.from_file(str(tok_file))
-    cfg = json.loads(cfg_file.read_text())
-    eos = cfg.get("eos_token")
-    if isinstance(eos, dict):  # serialised AddedToken
-        eos = eos.get("content")
-    if not isinstance(eos, str) or not eos:
-        raise UserError(f"{cfg_file}: eos_token is missing; every document must end with an eos token")
-    eos_id = tokenizer.token_to_id(eos)
-    if eos_id is None:
-        raise UserError(f"{cfg_file}: eos_token {eos!r} is not in the vocabulary of {tok_file}")
-    sha = hashlib.sha256(tok_file.read_bytes()).hexdigest()
-    return tokenizer, int(eos_id), sha
+    tokenizer = load_tokenizer(tokenizer_dir)
+    info = TokenizerInfo.from_dir(tokenizer_dir, tokenizer)
+    sha = hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()
+    return tokenizer, info.eos_id, sha
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -213,9 +199,10 @@ def tokenize_dataset(
     splits = find_splits(data_dir)
     if not splits:
         raise UserError(
-            f"dataset directory {data_dir} has no split subdirectories with *.jsonl files (expected e.g. {data_dir}/train/part-00000.jsonl)"
+            f"dataset directory {data_dir} has no split subdirectories with *.jsonl files "
+            f"(expected e.g. {data_dir}/train/part-00000.jsonl)"
         )
-    tokenizer, eos_id, tok_sha = load_tokenizer(tokenizer_dir)
+    tokenizer, eos_id, tok_sha = read_tokenizer(tokenizer_dir)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     _prepare_output(output_dir, overwrite)

@@ -26,12 +26,12 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.errors import UserError
+from lmforge.tokenizer_files import load_tokenizer
 
 # --------------------------------------------------------------------------------------------------
 # Constants and errors
@@ -90,7 +90,8 @@ class SpecialTokens:
 
     def __post_init__(self) -> None:
         tokens = self.all()
-        for name, token in zip(("bos", "eos", "pad", "im_start", "im_end"), tokens):
+        names = ("bos", "eos", "pad", "im_start", "im_end", *(f"extra[{i}]" for i in range(len(self.extra))))
+        for name, token in zip(names, tokens, strict=True):
             if not isinstance(token, str) or not token.strip():
                 raise TokenizerError(f"special token '{name}' must be a non-empty string, got {token!r}")
         duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
@@ -105,7 +106,8 @@ class SpecialTokens:
         `<|im_start|>{role}\\n{content}<|im_end|>\\n`; `add_generation_prompt` opens an assistant turn."""
         return (
             "{%- for message in messages %}"
-            f"{{{{- '{self.im_start}' + message['role'] + '\\n' + message['content'] + '{self.im_end}' + '\\n' }}}}"
+            f"{{{{- '{self.im_start}' + message['role'] + '\\n' + message['content'] + "
+            f"'{self.im_end}' + '\\n' }}}}"
             "{%- endfor %}"
             "{%- if add_generation_prompt %}"
             f"{{{{- '{self.im_start}assistant\\n' }}}}"
@@ -170,93 +172,19 @@ def _stream_lines(path: Path) -> Iterator[str]:
             yield "".join(buf)
 
 
-class _HTMLText(HTMLParser):
-    """Visible text of an HTML page: drops scripts, styles and the head, keeps <pre> whitespace and
-    turns block elements into line breaks (enough for documentation pages; no layout engine)."""
-
-    SKIP = {"script", "style", "head", "noscript", "template", "svg"}
-    BLOCK = {
-        "p",
-        "div",
-        "br",
-        "li",
-        "ul",
-        "ol",
-        "dl",
-        "dt",
-        "dd",
-        "tr",
-        "table",
-        "section",
-        "article",
-        "pre",
-        "blockquote",
-        "h1",
-        "h2",
-        "h3",
-        "h4",
-        "h5",
-        "h6",
-        "hr",
-        "title",
-        "header",
-        "footer",
-    }
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skip_depth = 0
-        self.pre_depth = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self.skip_depth += 1
-        elif tag == "pre":
-            self.pre_depth += 1
-        if tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self.SKIP:
-            self.skip_depth = max(0, self.skip_depth - 1)
-        elif tag == "pre":
-            self.pre_depth = max(0, self.pre_depth - 1)
-        if tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if self.skip_depth:
-            return
-        self.parts.append(
-            data if self.pre_depth else " ".join(data.split()) + (" " if data[-1:].isspace() else "")
-        )
-
-    def text(self) -> str:
-        lines = [line.rstrip() for line in "".join(self.parts).split("\n")]
-        out: list[str] = []
-        for line in lines:
-            if line.strip() or (out and out[-1]):  # at most one blank line in a row
-                out.append(line if line.strip() else "")
-        return "\n".join(out).strip() + "\n"
-
-
-def html_to_text(html: str) -> str:
-    """The visible text of an HTML document (see `_HTMLText`)."""
-    parser = _HTMLText()
-    parser.feed(html)
-    parser.close()
-    return parser.text()
-
-
 def _read_html(path: Path) -> Iterator[str]:
+    """The page's text as curation extracts it (one HTML rule for both stages; imported here because
+    the curation package is heavy and only HTML inputs need it)."""
+    from lmforge.components.curate.markup import html_to_text
+
     with _read_errors(path), _open_text(path) as fh:
         yield html_to_text(fh.read())
 
 
 def _jsonl_documents(path: Path, doc_prefix: str) -> Iterator[Document]:
     """One document per non-empty line; the line must be a JSON object with a string "text" field.
-    The document id is its "id" field when present (so a curated dataset's split is reused), else file:line."""
+    The document id is its "id" field when present (so a curated dataset's split is reused), else
+    file:line."""
     with _read_errors(path), _open_text(path) as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
@@ -292,7 +220,8 @@ def _collect_files(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[
         elif path.is_file():
             if _text_kind(path) is None:
                 raise CorpusError(
-                    f"unsupported input file {path}: expected one of {', '.join(TEXT_SUFFIXES)} (optionally .gz)"
+                    f"unsupported input file {path}: "
+                    f"expected one of {', '.join(TEXT_SUFFIXES)} (optionally .gz)"
                 )
             files.append((path, path.name))
         else:
@@ -478,7 +407,7 @@ class TokenizerResult:
     notes: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        """Flat numeric metrics for a tracker (MLflow / KFP Metrics)."""
+        """Flat numeric metrics for a tracker (MLflow)."""
         out: dict[str, float] = {
             "vocab_size": self.vocab_size,
             "train_seconds": self.train_seconds,
@@ -617,7 +546,8 @@ def train_tokenizer(
     if not counts["train_text"]:
         if any(t.strip() for t in heldout_texts):
             raise EmptyCorpusError(
-                f"all {counts['documents']} documents with text were held out (holdout_fraction={holdout_fraction}); "
+                f"all {counts['documents']} documents with text were held out "
+                f"(holdout_fraction={holdout_fraction}); "
                 "lower the hold-out fraction or add documents"
             )
         where = f"{input_files} input files" if input_files else f"{counts['documents']} input texts"
@@ -743,18 +673,6 @@ def _save(tokenizer: Tokenizer, out: Path, specials: SpecialTokens, model_max_le
 # --------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The `tokenizers.Tokenizer` of a tokenizer (or model) directory, or of a tokenizer.json file."""
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise TokenizerError(f"no tokenizer at {path}: expected a directory with tokenizer.json")
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as err:  # the Rust loader raises a bare Exception on malformed JSON
-        raise TokenizerError(f"{file} is not a valid tokenizer.json: {err}") from err
-
-
 def _token_text(value) -> str | None:
     """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
     if isinstance(value, dict):
@@ -779,9 +697,10 @@ class TokenizerInfo:
     chat_template: str | None
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> TokenizerInfo:
+    def from_dir(cls, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> TokenizerInfo:
+        """Read from a directory; `tokenizer`: its tokenizer.json when the caller loaded it already."""
         path = Path(path)
-        tokenizer = load_tokenizer(path)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         defaults = SpecialTokens()

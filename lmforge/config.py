@@ -56,7 +56,8 @@ def build(cls: type[T], data: dict[str, Any]) -> T:
     """Validate a raw mapping into `cls`; errors name the dotted field path."""
     for sub in _dataclass_tree(cls):
         if not hasattr(sub, "__pydantic_config__"):
-            sub.__pydantic_config__ = _STRICT  # unknown keys are errors
+            # unknown keys are errors (pydantic reads this attribute from plain dataclasses)
+            sub.__pydantic_config__ = _STRICT  # type: ignore[attr-defined]
     try:
         return TypeAdapter(cls).validate_python(data)
     except ValidationError as err:

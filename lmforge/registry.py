@@ -22,9 +22,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.errors import UserError
 from lmforge.tracking import default_artifact_root, default_tracking_uri, experiment_id
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 SCHEME = "models:/"
 DEFAULT_EXPERIMENT = "lmforge-models"
@@ -97,14 +101,33 @@ class RegistryClient:
         """`artifact_root`: where new experiments keep their artifacts (a folder or s3://bucket/prefix);
         default: the server's own setting, or an `artifacts/` folder beside a sqlite database (without
         one MLflow would write to ./mlruns in the current directory)."""
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow import MlflowClient  # imported here: mlflow is slow to import and optional for local dirs
-
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.artifact_root = (
             artifact_root if artifact_root is not None else default_artifact_root(self.tracking_uri)
         )
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        """The MLflow client, made on first use: making it opens (and for sqlite, creates) the store,
+        which a read of a store that does not exist must not do (see `_require_store`)."""
+        if self._client is None:
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            from mlflow import MlflowClient  # imported here: mlflow is slow to import
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    def _require_store(self, ref: ModelRef) -> None:
+        """Reading from an sqlite store that does not exist yet is a user error, said in one line
+        (MLflow would first create an empty database, printing its migrations, then fail)."""
+        if self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            if not db.is_file():
+                raise RegistryError(
+                    f"cannot resolve {ref.uri}: there is no model registry at {db} yet "
+                    "(register a model first, e.g. with `lmforge run`, or set MLFLOW_TRACKING_URI)"
+                )
 
     # ---- reading ------------------------------------------------------------------------------
     def resolve(self, ref: ModelRef | str) -> ResolvedVersion:
@@ -112,15 +135,18 @@ class RegistryClient:
         from mlflow.exceptions import MlflowException
 
         ref = parse_model_uri(ref) if isinstance(ref, str) else ref
+        self._require_store(ref)
         try:
             if ref.alias is not None:
                 mv = self.client.get_model_version_by_alias(ref.name, ref.alias)
             else:
+                assert ref.version is not None  # a ModelRef names an alias or a version
                 mv = self.client.get_model_version(ref.name, ref.version)
         except MlflowException as err:
             raise RegistryError(
                 f"cannot resolve {ref.uri} in the registry at {self.tracking_uri}: {err.message}"
             ) from err
+        assert mv.source is not None  # MLflow creates no version without a source
         return ResolvedVersion(ref.name, str(mv.version), mv.source, ref.alias, mv.run_id)
 
     def aliases(self, name: str) -> dict[str, str]:

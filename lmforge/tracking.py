@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 DEFAULT_HOME = ".lmforge"
 
@@ -31,7 +35,7 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
-def experiment_id(client, name: str, artifact_root: str | None) -> str:
+def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     """The id of experiment `name`, created (with artifacts under `artifact_root`) if missing."""
     found = client.get_experiment_by_name(name)
     if found is not None:

@@ -9,6 +9,7 @@ for importing it.
 """
 
 import importlib
+from typing import Any
 
 from lmforge.model.config import PRESETS, ConfigError, ModelConfig
 
@@ -25,7 +26,7 @@ _LAZY = {
 __all__ = ["PRESETS", "ConfigError", "ModelConfig", *_LAZY]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lmforge.model' has no attribute {name!r}")

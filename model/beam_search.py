@@ -24,11 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.model.generation import SamplingParamsError
 from lmforge.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from lmforge.model.transformer import CausalLM
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,7 @@ class _Kept:
 
 
 @torch.inference_mode()
-def beam_search(
-    model: torch.nn.Module, prompt_ids: Sequence[int], params: BeamSearchParams
-) -> list[Hypothesis]:
+def beam_search(model: CausalLM, prompt_ids: Sequence[int], params: BeamSearchParams) -> list[Hypothesis]:
     """The `num_return_sequences` best hypotheses for one prompt, best first."""
     cfg = model.config
     prompt = [int(t) for t in prompt_ids]
@@ -108,8 +110,8 @@ def beam_search(
         raise SamplingParamsError("the prompt is empty: give at least one token (e.g. the bos token)")
     if len(prompt) + params.max_new_tokens > cfg.max_seq_len:
         raise SamplingParamsError(
-            f"beam_search.max_new_tokens={params.max_new_tokens} plus the prompt's {len(prompt)} tokens exceeds "
-            f"the context of {cfg.max_seq_len} tokens"
+            f"beam_search.max_new_tokens={params.max_new_tokens} plus the prompt's {len(prompt)} tokens "
+            f"exceeds the context of {cfg.max_seq_len} tokens"
         )
     stop = set(params.stop_token_ids)
     if cfg.eos_token_id is not None and not params.ignore_eos:

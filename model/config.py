@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -96,11 +97,11 @@ class ModelConfig:
         seq = seq_len or self.max_seq_len
         return 6 * self.num_params(include_embeddings=False) + 12 * self.n_layers * self.d_model * seq
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> ModelConfig:
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -110,7 +111,7 @@ class ModelConfig:
         return cls(**values)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> ModelConfig:
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         """A preset by name, with optional field overrides (e.g. vocab_size from a tokenizer)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
@@ -130,13 +131,14 @@ class Preset:
     explicit: frozenset[str] = field(default_factory=frozenset)
 
 
-def _preset(source: str, **values) -> Preset:
+def _preset(source: str, **values: Any) -> Preset:
     return Preset(ModelConfig(**values), source, frozenset(values))
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": _preset(
-        "CPU-sized debug model for tests (~0.2M parameters); numbers chosen to exercise GQA and untied paths cheaply",
+        "CPU-sized debug model for tests (~0.2M parameters); "
+        "numbers chosen to exercise GQA and untied paths cheaply",
         vocab_size=1024,
         d_model=64,
         n_layers=2,
@@ -157,7 +159,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "seed-1.3b": _preset(
         "The product brief's reference model: 24 layers, d_model 2048, 16 heads, 2048 context, ~50k vocab "
-        "(50304 = 50k rounded to a multiple of 128); SwiGLU 5632 = 8/3*2048 rounded to 256; ~1.34B parameters",
+        "(50304 = 50k rounded to a multiple of 128); SwiGLU 5632 = 8/3*2048 rounded to 256; "
+        "~1.34B parameters",
         vocab_size=50304,
         d_model=2048,
         n_layers=24,

@@ -25,6 +25,8 @@ model transform. If the weights change afterwards the packed copy is rebuilt on 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,8 @@ class PackedHeadLinear(MatvecLinear):
     """MatvecLinear whose multi-row inputs use a oneDNN pre-packed copy of the weight."""
 
     packed_rows = 16  # the batch size the packing is tuned for (any batch size is correct)
+    packed: torch.Tensor  # set by _pack(), with the weight version it was packed from
+    _packed_key: tuple[int, int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -118,5 +122,5 @@ def apply_decode_layout(model: nn.Module, for_compile: bool = False) -> nn.Modul
             pack = _packing_works() if pack is None else pack
             if pack:
                 module.__class__ = PackedHeadLinear  # same module, parameters and hooks; new forward
-                module._pack()
+                cast(PackedHeadLinear, module)._pack()  # (mypy does not follow the __class__ change)
     return model

@@ -35,8 +35,9 @@ import math
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,6 +45,9 @@ from lmforge.model.config import ConfigError
 from lmforge.model.constrained import TokenConstraint
 from lmforge.model.generation import SamplingParams, TokenChooser, TokenEvent, TokenLogprob
 from lmforge.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from lmforge.model.transformer import CausalLM
 
 
 class QueueFull(RuntimeError):
@@ -77,7 +81,7 @@ class _Sequence:
 class Engine:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         *,
         num_slots: int = 8,
         max_len: int | None = None,
@@ -137,8 +141,8 @@ class Engine:
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(
-                    f"the generation queue is full ({self.max_queue} requests waiting, {self.num_slots} slots busy); "
-                    "retry later"
+                    f"the generation queue is full ({self.max_queue} requests waiting, "
+                    f"{self.num_slots} slots busy); retry later"
                 )
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._requests:
@@ -277,7 +281,7 @@ class Engine:
             pos = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1)  # (rows, 1)
         return self.model(token_ids, pos, view)[:, -1]
 
-    def _compile_decode(self):
+    def _compile_decode(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """A static-shape decode step (every slot, the full cache) for torch.compile / CUDA graphs."""
         cache, model = self.cache, self.model
         cache.active_len = self.max_len
@@ -292,7 +296,8 @@ class Engine:
         # CPU: inductor fuses the element-wise ops between the matmuls, and its C++ wrapper calls the
         # kernels without a Python hop each. With one slot every projection is a matrix-vector
         # product, which the fused reduction of decode_layout streams faster than any GEMV layout.
-        if self.num_slots == 1:
+        # (The isinstance check is for mypy: a CausalLM need not be a module, though every model is one.)
+        if self.num_slots == 1 and isinstance(model, torch.nn.Module):
             from lmforge.model.decode_layout import apply_decode_layout
 
             apply_decode_layout(model, for_compile=True)
@@ -338,10 +343,10 @@ class RequestStream:
 
     def _deliver(self, item: TokenEvent | BaseException) -> None:
         self._queue.put(item)
-        loop = self._loop
-        if loop is not None:
+        loop, ready = self._loop, self._ready  # _ready is set before _loop (see __aiter__)
+        if loop is not None and ready is not None:
             try:
-                loop.call_soon_threadsafe(self._ready.set)
+                loop.call_soon_threadsafe(ready.set)
             except RuntimeError:  # the consumer's event loop is closed: nobody is waiting
                 pass
 
@@ -398,7 +403,7 @@ class EngineDriver:
     def __enter__(self) -> EngineDriver:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def submit(
@@ -436,8 +441,8 @@ class EngineDriver:
                 self._error = err
                 with self._streams_lock:
                     streams, self._streams = list(self._streams.values()), {}
-                for stream in streams:
-                    stream._deliver(err)
+                for failed in streams:
+                    failed._deliver(err)
                 return  # the engine's state is unknown now; later submits are refused with the error
             with self._streams_lock:
                 for event in events:

@@ -25,6 +25,8 @@ concurrently from several threads of one process (training never does; inference
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Default cap on the fp32 (vocab, chunk) logits workspace. CPU: 64 MiB holds 1,024 tokens of a 16k
@@ -61,7 +63,15 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, workspace_bytes: int, needs_grad: bool):  # type: ignore[override]
+    def forward(
+        ctx: Any,  # autograd's context object; the fields set on it below are this function's own
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int,
+        workspace_bytes: int,
+        needs_grad: bool,
+    ) -> torch.Tensor:
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         compute = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -101,6 +111,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss += ((lse - picked) * s).sum()
                 if not needs_grad:
                     continue
+                assert grad_h is not None and grad_w is not None
                 # d loss / d logits = (softmax - onehot(target)) * scale, formed in place
                 logits_t.mul_(s / denom)
                 logits_t.index_put_((tgt, col), -s, accumulate=True)
@@ -118,13 +129,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # The gradients were computed in forward for a loss gradient of 1; scale them in place (they are
         # this function's own buffers, so no weight-sized copy is made), which is why a second backward
         # through the same graph (retain_graph=True) is refused rather than silently scaled twice.
         if ctx.consumed:
             raise RuntimeError(
-                "fused_linear_cross_entropy: backward was already run on this graph (retain_graph is not supported)"
+                "fused_linear_cross_entropy: backward was already run on this graph "
+                "(retain_graph is not supported)"
             )
         ctx.consumed = True
         grad_h, grad_w = ctx.saved_tensors
@@ -149,7 +161,8 @@ def fused_linear_cross_entropy(
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(
-            f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dimensions"
+            f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} "
+            "disagree on the token dimensions"
         )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not project hidden size {hidden.shape[-1]}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ from lmforge.model.config import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmforge.model.constrained import TokenConstraint
+    from lmforge.model.engine import Engine
+    from lmforge.model.transformer import CausalLM
 
 MAX_LOGPROBS = 20  # top alternatives per token; more is rarely useful and costs a sort per step
 
@@ -63,7 +65,7 @@ class SamplingParams:
         def fail(name: str, rule: str) -> None:
             raise SamplingParamsError(f"sampling.{name} {rule}, got {getattr(self, name)!r}")
 
-        def is_int(value) -> bool:
+        def is_int(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
         if isinstance(self.stop_token_ids, list):  # e.g. from JSON; kept as a tuple (hashable, frozen)
@@ -118,8 +120,9 @@ class SamplingParams:
             raise SamplingParamsError("the prompt is empty: give at least one token (e.g. the bos token)")
         if prompt_len + self.max_new_tokens > context_len:
             raise SamplingParamsError(
-                f"sampling.max_new_tokens={self.max_new_tokens} plus the prompt's {prompt_len} tokens exceeds the "
-                f"context of {context_len} tokens; lower max_new_tokens to at most {max(context_len - prompt_len, 0)}"
+                f"sampling.max_new_tokens={self.max_new_tokens} plus the prompt's {prompt_len} tokens "
+                f"exceeds the context of {context_len} tokens; "
+                f"lower max_new_tokens to at most {max(context_len - prompt_len, 0)}"
             )
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
@@ -224,7 +227,9 @@ class TokenChooser:
             if params.greedy
             else new_generator(None if params.seed is None else params.seed + sample_index, device)
         )
-        self.output_counts = self.seen = None
+        # penalty state, both set or both None
+        self.output_counts: torch.Tensor | None = None  # (V,) int32
+        self.seen: torch.Tensor | None = None  # (V,) bool: in the prompt or the output so far
         if params.penalized:
             self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -241,7 +246,7 @@ class TokenChooser:
         p = self.params
         logits = logits.float()
         processed = logits
-        if self.output_counts is not None:
+        if self.output_counts is not None and self.seen is not None:
             processed = apply_penalties(
                 processed,
                 self.output_counts,
@@ -261,7 +266,7 @@ class TokenChooser:
         else:
             probs = warp_logits(processed, p).softmax(dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
-        if self.output_counts is not None:
+        if self.output_counts is not None and self.seen is not None:
             self.output_counts[token] += 1
             self.seen[token] = True
         return self._logprob(logits, token)
@@ -273,7 +278,7 @@ class TokenChooser:
         top: tuple[tuple[int, float], ...] = ()
         if self.params.logprobs > 0:
             values, ids = torch.topk(logprobs, self.params.logprobs)
-            top = tuple(zip(ids.tolist(), values.tolist()))
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
         return TokenLogprob(token, float(logprobs[token]), top)
 
 
@@ -322,7 +327,9 @@ def collect(events: Iterator[TokenEvent], outputs: dict[str, GenerationOutput]) 
 
 
 # ---- generate / stream (thin wrappers over the engine) ---------------------------------------
-def _engine_for(model, prompts: Sequence[Sequence[int]], params: SamplingParams, **engine_kwargs):
+def _engine_for(
+    model: CausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams, **engine_kwargs: Any
+) -> Engine:
     from lmforge.model.engine import Engine  # the engine builds on this module
 
     context = model.config.max_seq_len
@@ -335,11 +342,11 @@ def _engine_for(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
 
 
 def stream(
-    model: torch.nn.Module,
+    model: CausalLM,
     prompt_ids: Sequence[int],
     params: SamplingParams | None = None,
     constraint: TokenConstraint | None = None,
-    **engine_kwargs,
+    **engine_kwargs: Any,
 ) -> Iterator[TokenEvent]:
     """Yield token events for one prompt as they are produced. Closing the generator stops the work."""
     params = params or SamplingParams()
@@ -350,11 +357,11 @@ def stream(
 
 
 def generate_batch(
-    model: torch.nn.Module,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | None = None,
     constraint: TokenConstraint | None = None,
-    **engine_kwargs,
+    **engine_kwargs: Any,
 ) -> list[GenerationOutput]:
     """Continue several prompts together (each prompt's result equals running it alone)."""
     params = params or SamplingParams()
@@ -364,7 +371,7 @@ def generate_batch(
     ids = [engine.submit(p, params, constraint=constraint) for p in prompts]
     outputs = {
         rid: GenerationOutput(rid, list(p), [Completion(i) for i in range(params.n)])
-        for rid, p in zip(ids, prompts)
+        for rid, p in zip(ids, prompts, strict=True)
     }
     while engine.has_work():
         collect(iter(engine.step()), outputs)
@@ -372,11 +379,11 @@ def generate_batch(
 
 
 def generate(
-    model: torch.nn.Module,
+    model: CausalLM,
     prompt_ids: Sequence[int],
     params: SamplingParams | None = None,
     constraint: TokenConstraint | None = None,
-    **engine_kwargs,
+    **engine_kwargs: Any,
 ) -> GenerationOutput:
     """Continue one prompt; `params.n` samples share its prefill."""
     return generate_batch(model, [prompt_ids], params, constraint, **engine_kwargs)[0]
@@ -392,7 +399,7 @@ class ScoreResult:
 
 @torch.inference_mode()
 def score_batch(
-    model: torch.nn.Module,
+    model: CausalLM,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     batch_size: int = 8,
 ) -> list[ScoreResult]:
@@ -429,6 +436,6 @@ def score_batch(
     return results
 
 
-def score(model: torch.nn.Module, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> ScoreResult:
+def score(model: CausalLM, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> ScoreResult:
     """Log-likelihood of `continuation_ids` following `context_ids`."""
     return score_batch(model, [(context_ids, continuation_ids)])[0]

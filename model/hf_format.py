@@ -69,7 +69,8 @@ def _rope_theta(hf: dict[str, Any]) -> float:
         kind = params.get("rope_type", params.get("type", "default"))
         if kind != "default":
             raise UnsupportedArchitecture(
-                f"config.json field rope_parameters.rope_type={kind!r} is not supported (only plain RoPE, 'default')"
+                f"config.json field rope_parameters.rope_type={kind!r} is not supported "
+                "(only plain RoPE, 'default')"
             )
         if "rope_theta" in params:
             return float(params["rope_theta"])
@@ -87,7 +88,8 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitecture(
-            f"config.json field model_type={model_type!r} is not supported; lmforge loads {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"config.json field model_type={model_type!r} is not supported; "
+            f"lmforge loads {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     act = hf.get("hidden_act", "silu")
     if act != "silu":

@@ -13,11 +13,19 @@ graphs and torch.compile want).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from lmforge.model.transformer import CausalLM
+
 
 class KVCache(nn.Module):
+    k: torch.Tensor  # buffers, registered in __init__ (or in rows(), as views of another cache's)
+    v: torch.Tensor
+
     def __init__(
         self,
         n_layers: int,
@@ -38,9 +46,10 @@ class KVCache(nn.Module):
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+        cls, model: CausalLM, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
         cfg = model.config
+        assert cfg.n_kv_heads is not None and cfg.head_dim is not None  # (filled in by __post_init__)
         param = next(model.parameters())
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.model.config import ConfigError
 from lmforge.model.generation import SamplingParams, SamplingParamsError, new_generator, warp_logits
 from lmforge.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from lmforge.model.transformer import CausalLM
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,7 @@ def accept_or_resample(
     return accepted, torch.where(accepted, proposals, resampled)
 
 
-def _check(
-    target: torch.nn.Module, draft: torch.nn.Module, prompt: list[int], params: SamplingParams, k: int
-) -> None:
+def _check(target: CausalLM, draft: CausalLM, prompt: list[int], params: SamplingParams, k: int) -> None:
     if target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(
             f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
@@ -91,8 +93,8 @@ def _check(
 
 @torch.inference_mode()
 def speculative_generate(
-    target: torch.nn.Module,
-    draft: torch.nn.Module,
+    target: CausalLM,
+    draft: CausalLM,
     prompt_ids: Sequence[int],
     params: SamplingParams | None = None,
     num_draft_tokens: int = 4,
@@ -109,7 +111,7 @@ def speculative_generate(
     caches = {"target": KVCache.for_model(target, 1, max_len), "draft": KVCache.for_model(draft, 1, max_len)}
     cached = {"target": 0, "draft": 0}  # tokens whose keys/values each cache holds (all but the last)
 
-    def feed(name: str, model: torch.nn.Module, new: list[int]) -> torch.Tensor:
+    def feed(name: str, model: CausalLM, new: list[int]) -> torch.Tensor:
         """Run `new` tokens from position cached[name]; return their next-token logits (T, V)."""
         start, cache = cached[name], caches[name]
         cache.active_len = start + len(new)

@@ -15,6 +15,8 @@ D head dim, C d_model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Precomputed RoPE tables for every position up to max_seq_len (no parameters, not saved)."""
 
+    cos: torch.Tensor  # buffers, registered in __init__
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
@@ -61,7 +66,7 @@ class RotaryEmbedding(nn.Module):
         """Recompute the tables in fp32 (after a meta-device init or a low-precision cast)."""
         self.cos, self.sin = self._tables(torch.device(device) if device is not None else self.cos.device)
 
-    def _apply(self, fn, recurse: bool = True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
         # model.to(bfloat16) would round the tables; keep them fp32 (they are cast per use in apply_rope).
         super()._apply(fn, recurse)
         if self.cos.dtype != torch.float32 and self.cos.device.type != "meta":
@@ -157,6 +162,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    _lmforge_checkpointed = False  # set by apply_activation_checkpointing
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -164,7 +171,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None, positions=None, attn_mask=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, positions, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -249,6 +264,7 @@ class Transformer(nn.Module):
             )
         cos, sin = self.rotary(positions, T)
         if kv_cache is not None and attn_mask is None:
+            assert positions is not None  # (rejected above)
             attn_mask = kv_cache.causal_mask(positions)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for layer in self.model.layers:
@@ -262,6 +278,27 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class CausalLM(Protocol):
+    """What decoding (generation, the engine, beam search, speculative decoding, scoring) uses of a
+    model: its config, its parameters (for device and dtype) and Transformer's call signature.
+
+    A protocol rather than Transformer itself, so tests can decode with small fake modules whose
+    next-token distribution they know exactly."""
+
+    config: ModelConfig
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor: ...
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -278,13 +315,16 @@ def apply_activation_checkpointing(model: Transformer) -> Transformer:
     from torch.utils.checkpoint import checkpoint
 
     for block in model.model.layers:
-        if getattr(block, "_lmforge_checkpointed", False):
+        assert isinstance(block, Block)
+        if block._lmforge_checkpointed:
             continue
         inner = block.forward
 
-        def checkpointed(*args, _inner=inner, **kwargs):
+        def checkpointed(
+            *args: Any, _inner: Callable[..., torch.Tensor] = inner, **kwargs: Any
+        ) -> torch.Tensor:
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
-        block.forward = checkpointed
+        block.forward = checkpointed  # type: ignore[method-assign]  # this block's forward, wrapped in place
         block._lmforge_checkpointed = True
     return model

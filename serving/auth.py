@@ -94,7 +94,8 @@ class Authenticator:
                 f"no API keys are configured (${cfg.api_keys_env} is empty"
                 + (f", {cfg.api_keys_file} has none" if cfg.api_keys_file else "")
                 + f") and the server would listen on {cfg.host}, which is not a loopback address; set keys, "
-                "bind 127.0.0.1, or pass --allow-unauthenticated (allow_unauthenticated: true) to run open on purpose"
+                "bind 127.0.0.1, or pass --allow-unauthenticated (allow_unauthenticated: true) "
+                "to run open on purpose"
             )
         return cls(keys, admin_keys, open_access)
 

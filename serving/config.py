@@ -19,8 +19,7 @@ from typing import Any
 
 from lmforge import config as config_io
 from lmforge.model.config import ConfigError
-
-REGISTRY_SCHEME = "models:/"
+from lmforge.registry import RegistryError, is_registry_uri, parse_model_uri
 
 
 def _fail(name: str, rule: str, value: Any) -> None:
@@ -45,15 +44,10 @@ def check_model_source(name: str, source: str) -> None:
     """A model source is a local directory path or `models:/NAME@ALIAS` / `models:/NAME/VERSION`."""
     if not isinstance(source, str) or not source.strip():
         _fail(name, "must be a model directory or models:/NAME@ALIAS", source)
-    if source.startswith(REGISTRY_SCHEME):
-        rest = source[len(REGISTRY_SCHEME) :]
-        if "@" in rest:
-            model, _, alias = rest.partition("@")
-            ok = bool(model) and bool(alias) and "/" not in alias
-        else:
-            model, _, version = rest.rpartition("/")
-            ok = bool(model) and version.isdigit()
-        if not ok:
+    if is_registry_uri(source):
+        try:
+            parse_model_uri(source)
+        except RegistryError:
             _fail(name, "must look like models:/NAME@ALIAS or models:/NAME/VERSION", source)
 
 
@@ -230,9 +224,8 @@ class ServeConfig:
         """The id clients send as "model": served_model_name, else the registry name or directory name."""
         if self.served_model_name:
             return self.served_model_name
-        if self.model.startswith(REGISTRY_SCHEME):
-            rest = self.model[len(REGISTRY_SCHEME) :]
-            return rest.partition("@")[0] if "@" in rest else rest.rpartition("/")[0]
+        if is_registry_uri(self.model):
+            return parse_model_uri(self.model).name
         return os.path.basename(os.path.normpath(self.model))
 
     @property

@@ -1,9 +1,10 @@
 """One loaded model version: weights + tokenizer + a running continuous-batching engine.
 
 `ModelRunner.generate(request)` is the text-level request path shared by the Ray replica and the
-in-process server: text/messages -> token ids (chat template, bos) -> checks against the context ->
-`EngineDriver.submit` (one engine request per choice) -> token events -> text deltas (incremental detokenization, stop strings,
-from serving/textgen.py) -> the plain dict events described in serving/protocol.py.
+in-process server: text/messages -> token ids (chat template; special tokens as the model's tokenizer
+adds them) -> checks against the context -> `EngineDriver.submit` (one engine request per choice) ->
+token events -> text deltas (`TextDecoder.feed` from serving/textgen.py: incremental detokenization,
+stop strings) -> the plain dict events described in serving/protocol.py.
 
 Every way a request can be wrong becomes an `error` event with a 4xx status before it reaches the
 engine; a full engine queue becomes 503 + Retry-After. When the consumer stops listening (client
@@ -26,14 +27,13 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.errors import InputNotFoundError, UserError
 from lmforge.model.checkpoint import dtype_from_name, load_model_dir
 from lmforge.model.engine import Engine, EngineDriver, QueueFull
 from lmforge.model.generation import SamplingParams, SamplingParamsError
 from lmforge.serving.chat import ChatTemplate
 from lmforge.serving.config import EngineConfig
 from lmforge.serving.protocol import APIError, GenerationRequest, bad_request
-from lmforge.serving.textgen import TextDecoder, encode_prompt, eos_token_ids
+from lmforge.serving.textgen import TextDecoder, encode_prompt, eos_token_ids, model_tokenizer
 
 log = logging.getLogger("lmforge.serving")
 
@@ -64,7 +64,7 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 class TokenTexts:
@@ -182,17 +182,7 @@ class ModelRunner:
             torch.set_num_threads(cfg.torch_threads)
         device = pick_device(cfg.device)
         model = load_model_dir(model_dir, device=device, dtype=pick_dtype(cfg.dtype, device))
-        tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise InputNotFoundError(
-                f"{model_dir} has no tokenizer.json: serving text needs the model's tokenizer"
-            )
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        if tokenizer.get_vocab_size() > model.config.vocab_size:
-            raise UserError(
-                f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
-                f"only {model.config.vocab_size}; they do not belong together"
-            )
+        tokenizer = model_tokenizer(model_dir, model.config.vocab_size)
         tok_cfg_file = model_dir / "tokenizer_config.json"
         tok_cfg = json.loads(tok_cfg_file.read_text(encoding="utf-8")) if tok_cfg_file.is_file() else {}
         template = tok_cfg.get("chat_template")
@@ -271,7 +261,8 @@ class ModelRunner:
                     "messages",
                     "chat_template_missing",
                 )
-            return encode_prompt(self.tokenizer, self.chat.render(request.messages), self.bos_id)
+            rendered = self.chat.render(request.messages)  # the template writes its own special tokens
+            return encode_prompt(self.tokenizer, rendered, self.bos_id, add_special_tokens=False)
         if isinstance(request.prompt, str):
             if not request.prompt and self.bos_id is None:
                 raise bad_request("prompt: empty, and the model has no bos token to start from", "prompt")
@@ -380,7 +371,6 @@ class ModelRunner:
 
     async def _events(self, stream, request: GenerationRequest, ids: list[int], params: SamplingParams):
         decoders = [TextDecoder(self.tokenizer, ids, request.stop) for _ in range(params.n)]
-        counts = [0] * params.n
         open_choices = set(range(params.n))
         engine_done: set[int] = set()  # choices the engine itself has finished
         want_logprobs = request.logprobs is not None
@@ -391,16 +381,13 @@ class ModelRunner:
                     engine_done.add(i)
                 if i not in open_choices:
                     continue  # a choice already ended by a stop string; the engine has not noticed yet
-                text, tokens, logprobs = "", [], []
+                tokens, logprobs = [], []
                 if ev.token_id is not None:
-                    counts[i] += 1
                     tokens.append(ev.token_id)
-                    text = decoders[i].push(ev.token_id)
                     if want_logprobs and ev.logprob is not None:
                         logprobs.append(self.texts.entry(ev.token_id, ev.logprob.logprob, ev.logprob.top))
-                reason = "stop" if decoders[i].stopped else ev.finish_reason
-                if reason is not None and not decoders[i].stopped:
-                    text += decoders[i].finish()
+                text = decoders[i].feed(ev)
+                reason = decoders[i].finish_reason
                 if text or tokens:
                     delta = {"type": "delta", "index": i, "text": text, "token_ids": tokens}
                     if want_logprobs:
@@ -408,7 +395,12 @@ class ModelRunner:
                     yield delta
                 if reason is not None:
                     open_choices.discard(i)
-                    yield {"type": "finish", "index": i, "reason": reason, "completion_tokens": counts[i]}
+                    yield {
+                        "type": "finish",
+                        "index": i,
+                        "reason": reason,
+                        "completion_tokens": len(decoders[i].token_ids),
+                    }
                     if not open_choices:
                         break
         finally:
@@ -429,7 +421,7 @@ class ModelRunner:
         chosen = logprobs[:-1].gather(-1, target.unsqueeze(-1)).squeeze(-1).tolist()
         top_vals, top_ids = torch.topk(logprobs[:-1], k, dim=-1) if k > 0 else (None, None)
         for t in range(1, len(ids)):
-            top = tuple(zip(top_ids[t - 1].tolist(), top_vals[t - 1].tolist())) if k > 0 else ()
+            top = tuple(zip(top_ids[t - 1].tolist(), top_vals[t - 1].tolist(), strict=True)) if k > 0 else ()
             out.append(self.texts.entry(ids[t], chosen[t - 1], top))
         return out
 

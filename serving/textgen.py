@@ -5,7 +5,10 @@
   broken multi-byte character (a byte-level token may hold half of one; its text waits for the rest),
 - `StopStrings`: ends the output at the first stop string, holding back text that might be the
   start of one so that a stop string split across tokens is never shown,
-- `TextDecoder`: both together, one per sequence,
+- `TextDecoder`: both together, one per sequence; `decode_events` is the one loop from the
+  engine's token events to text (used by `lmforge generate`, `generate_text` / `stream_text` and,
+  event by event through `TextDecoder.feed`, by the serving runner),
+- `encode_prompt`: a prompt's ids exactly as the model's own tokenizer encodes it,
 - `RegexConstraint`: constrained decoding, the output must match a regular expression,
 - `generate_text` / `stream_text` (a model in memory) and `generate_from_dir` (what
   `lmforge generate` runs: load a model directory, pick beam search / speculative / sampling).
@@ -28,25 +31,38 @@ from lmforge.errors import UserError
 from lmforge.model.beam_search import BeamSearchParams, beam_search
 from lmforge.model.decode_layout import apply_decode_layout
 from lmforge.model.generation import SamplingParams, TokenEvent, stream
+from lmforge.tokenizer_files import load_tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 EOS_TOKEN_NAMES = ("<|eos|>", "<|endoftext|>", "</s>", "<|end_of_text|>")
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
+def model_tokenizer(model_dir: str | Path, vocab_size: int) -> Tokenizer:
+    """A model directory's tokenizer, refused when its ids do not fit the model's embedding."""
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.get_vocab_size() > vocab_size:
         raise UserError(
-            f"{model_dir} has no tokenizer.json: text generation needs the model's Hugging Face tokenizer"
+            f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+            f"{vocab_size}; they do not belong together"
         )
-    return Tokenizer.from_file(str(path))
+    return tokenizer
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None = None) -> list[int]:
-    """Token ids of a prompt, starting with the model's bos token when it has one."""
-    ids = tokenizer.encode(text).ids
-    if bos_token_id is not None and (not ids or ids[0] != bos_token_id):
-        ids = [bos_token_id, *ids]
+def encode_prompt(
+    tokenizer: Tokenizer, text: str, bos_token_id: int | None = None, *, add_special_tokens: bool = True
+) -> list[int]:
+    """Token ids of a prompt, exactly as the model's own tokenizer encodes it.
+
+    The tokenizer's post-processor (in tokenizer.json) decides which special tokens frame a text:
+    Llama 3's adds its bos, SmolLM2's and lmforge's add none. `transformers` (>= 5) encodes the same
+    way (it ignores `add_bos_token` in tokenizer_config.json when tokenizer.json is there), so an
+    imported model sees the ids it was trained on and greedy output matches transformers token for
+    token. A rendered chat template spells out its own special tokens: encode it with
+    add_special_tokens=False, as transformers' `apply_chat_template` does. `bos_token_id` is used
+    only for an empty prompt, which otherwise leaves nothing to continue."""
+    ids = tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    if not ids and bos_token_id is not None:
+        ids = [bos_token_id]
     if not ids:
         raise UserError("the prompt is empty and the model has no bos token to start from")
     return ids
@@ -149,29 +165,81 @@ class StopStrings:
 
 
 class TextDecoder:
-    """Token ids in, safe text deltas out, for one sequence: detokenization + stop strings."""
+    """Token ids in, safe text deltas out, for one sequence: detokenization + stop strings.
+
+    `feed` takes the engine's token events and `decode_events` is the one loop over them: the CLI,
+    `generate_text` / `stream_text` and the serving runner all turn events into text through these,
+    so a stop string, the held-back tail and the finish reason mean the same thing everywhere."""
 
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), stop: Iterable[str] = ()
     ) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop = StopStrings(stop)
-        self.text = ""
+        self.text = ""  # everything emitted so far
+        self.token_ids: list[int] = []  # every token pushed, the one that completed a stop string included
+        self.finish_reason: str | None = None  # set by `finish`: "stop", "length", "cancelled"
+        self.first_token_at: float | None = None  # time.perf_counter() when the first token arrived
 
     @property
     def stopped(self) -> bool:
+        """A stop string was reached: nothing more is shown."""
         return self.stop.stopped
 
     def push(self, token_id: int) -> str:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.token_ids.append(token_id)
         delta = self.stop.push(self.detokenizer.push(token_id))
         self.text += delta
         return delta
 
-    def finish(self) -> str:
+    def feed(self, event: TokenEvent) -> str:
+        """One engine event in, the text it makes safe to show out. When the sequence ends here (a stop
+        string: reason "stop"; else the event's finish reason) the held-back text comes out too."""
+        if self.finish_reason is not None:
+            return ""
+        delta = self.push(event.token_id) if event.token_id is not None else ""
+        reason = "stop" if self.stopped else event.finish_reason
+        return delta + self.finish(reason) if reason is not None else delta
+
+    def finish(self, reason: str = "length") -> str:
+        """End the sequence: the text still held back (none after a stop string). Later calls do nothing."""
+        if self.finish_reason is not None:
+            return ""
+        self.finish_reason = "stop" if self.stopped else reason
         delta = self.stop.push(self.detokenizer.flush()) if not self.stopped else ""
         delta += self.stop.flush()
         self.text += delta
         return delta
+
+
+def decode_events(events: Iterable[TokenEvent], decoder: TextDecoder) -> Iterator[str]:
+    """The token-events-to-text loop: text deltas of one sequence until it finishes or reaches a stop
+    string. The event stream is closed then (or when the consumer stops early), so a generator stops its
+    engine and nothing is decoded past a stop string; a stream that just ends finishes as "length"."""
+    try:
+        for event in events:
+            delta = decoder.feed(event)
+            if delta:
+                yield delta
+            if decoder.finish_reason is not None:
+                break
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+    tail = decoder.finish("length")
+    if tail:
+        yield tail
+
+
+def token_events(token_ids: Sequence[int], finish_reason: str) -> Iterator[TokenEvent]:
+    """Events of a finished sequence (beam search, speculative decoding); the last carries the reason."""
+    for n, token_id in enumerate(token_ids, 1):
+        yield TokenEvent("", 0, token_id, finish_reason=finish_reason if n == len(token_ids) else None)
+    if not token_ids:
+        yield TokenEvent("", 0, None, finish_reason=finish_reason)
 
 
 # ---- regex-constrained decoding -------------------------------------------------------------
@@ -250,40 +318,6 @@ class TextResult:
         return (len(self.token_ids) - 1) / decode_time if decode_time > 0 else None
 
 
-def stream_events_as_text(
-    events: Iterator[TokenEvent], decoder: TextDecoder, on_text: Callable[[str], None] | None = None
-) -> tuple[list[int], str, float | None]:
-    """Feed one sequence's token events through `decoder` until it finishes or hits a stop string.
-    Returns (token ids, finish reason, seconds to the first token); closes the event stream."""
-    start = time.perf_counter()
-    first: float | None = None
-    tokens: list[int] = []
-    reason = "length"
-    try:
-        for event in events:
-            if event.token_id is not None:
-                if first is None:
-                    first = time.perf_counter() - start
-                tokens.append(event.token_id)
-                delta = decoder.push(event.token_id)
-                if delta and on_text:
-                    on_text(delta)
-                if decoder.stopped:
-                    reason = "stop"
-                    break
-            if event.finish_reason is not None:
-                reason = event.finish_reason
-                break
-    finally:
-        close = getattr(events, "close", None)
-        if close is not None:
-            close()  # a generator stops its engine; nothing is decoded past a stop string
-    tail = decoder.finish()
-    if tail and on_text:
-        on_text(tail)
-    return tokens, reason, first
-
-
 def stream_text(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -297,20 +331,7 @@ def stream_text(
     if params.n != 1:
         raise UserError("streaming text supports one sample (n=1); use generate_text for n > 1")
     prompt_ids, params, decoder = _prepare(model, tokenizer, prompt, params, stop)
-    events = stream(model, prompt_ids, params, constraint)
-    try:
-        for event in events:
-            if event.token_id is not None:
-                delta = decoder.push(event.token_id)
-                if delta:
-                    yield delta
-                if decoder.stopped:
-                    break
-        tail = decoder.finish()
-        if tail:
-            yield tail
-    finally:
-        events.close()
+    yield from decode_events(stream(model, prompt_ids, params, constraint), decoder)
 
 
 def generate_text(
@@ -328,10 +349,25 @@ def generate_text(
         raise UserError("generate_text returns one sample (n=1)")
     prompt_ids, params, decoder = _prepare(model, tokenizer, prompt, params, stop)
     start = time.perf_counter()
-    tokens, reason, first = stream_events_as_text(
-        stream(model, prompt_ids, params, constraint), decoder, on_text
+    return _result(stream(model, prompt_ids, params, constraint), decoder, len(prompt_ids), start, on_text)
+
+
+def _result(
+    events: Iterable[TokenEvent],
+    decoder: TextDecoder,
+    prompt_tokens: int,
+    start: float,
+    on_text: Callable[[str], None] | None = None,
+) -> TextResult:
+    """Run the events through `decode_events`, passing each delta to `on_text`, and sum up."""
+    for delta in decode_events(events, decoder):
+        if on_text is not None:
+            on_text(delta)
+    first = decoder.first_token_at - start if decoder.first_token_at is not None else None
+    reason = str(decoder.finish_reason)  # always set: decode_events finishes the decoder
+    return TextResult(
+        decoder.text, decoder.token_ids, reason, prompt_tokens, first, time.perf_counter() - start
     )
-    return TextResult(decoder.text, tokens, reason, len(prompt_ids), first, time.perf_counter() - start)
 
 
 def _prepare(
@@ -383,16 +419,10 @@ def generate_from_dir(
     if compile and (num_beams > 1 or draft_model_dir):
         raise UserError("--compile applies to sampling/greedy decoding, not to --num-beams or --draft-model")
     model = apply_decode_layout(load_model_dir(model_dir, device=device, dtype=dtype))
-    tokenizer = load_tokenizer(model_dir)
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise UserError(
-            f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-            f"{model.config.vocab_size}; they do not belong together"
-        )
+    tokenizer = model_tokenizer(model_dir, model.config.vocab_size)
     prompt_ids, params, decoder = _prepare(model, tokenizer, prompt, params, stop)
     start = time.perf_counter()
-
-    if num_beams > 1:
+    if num_beams > 1:  # beam search knows its best text only at the end: it is shown all at once
         beam = BeamSearchParams(
             num_beams=num_beams,
             max_new_tokens=params.max_new_tokens,
@@ -401,36 +431,13 @@ def generate_from_dir(
             ignore_eos=params.ignore_eos,
         )
         best = beam_search(model, prompt_ids, beam)[0]
-        tokens = list(best.token_ids)
-        first = time.perf_counter() - start  # beam search shows nothing before it is finished
-        for token in tokens:
-            decoder.push(token)
-            if decoder.stopped:
-                break
-        decoder.finish()
-        if on_text and decoder.text:
-            on_text(decoder.text)
-        reason = "stop" if best.finished or decoder.stopped else "length"
+        events = token_events(best.token_ids, "stop" if best.finished else "length")
     elif draft_model_dir:
         from lmforge.model.speculative import speculative_generate
 
         draft = apply_decode_layout(load_model_dir(draft_model_dir, device=device, dtype=dtype))
         out = speculative_generate(model, draft, prompt_ids, params, num_draft_tokens)
-        first = None
-        tokens = []
-        for token in out.token_ids:
-            if first is None:
-                first = time.perf_counter() - start
-            tokens.append(token)
-            delta = decoder.push(token)
-            if delta and on_text:
-                on_text(delta)
-            if decoder.stopped:
-                break
-        tail = decoder.finish()
-        if tail and on_text:
-            on_text(tail)
-        reason = "stop" if decoder.stopped else out.finish_reason
+        events = token_events(out.token_ids, out.finish_reason)
     else:
         constraint = None
         if regex_pattern:
@@ -441,5 +448,4 @@ def generate_from_dir(
                 eos_token_ids(tokenizer, model.config.eos_token_id),
             )
         events = stream(model, prompt_ids, params, constraint, compile=compile)
-        tokens, reason, first = stream_events_as_text(events, decoder, on_text)
-    return TextResult(decoder.text, tokens, reason, len(prompt_ids), first, time.perf_counter() - start)
+    return _result(events, decoder, len(prompt_ids), start, on_text)

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: repo paths, the sample corpus, and ONE local Ray instance per session.
+"""Shared pytest fixtures: repo paths, the sample corpus, THE tiny test tokenizer, and ONE local Ray
+instance per session.
 
 Ray takes 5-11 s to start on 2 cores, so every test that needs it uses the session-scoped
 `ray_local` fixture instead of calling ray.init() itself.
@@ -23,6 +24,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+# The corpus of the tiny test tokenizer: English, accents, emoji, code. Characters it never saw (CJK)
+# encode as single bytes, so some tokens hold part of a character.
+TOKENIZER_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Serving language models over HTTP with continuous batching.",
+    "Héllo wörld: naïve café, déjà vu, and emoji 🙂 in UTF-8.",
+    "def add(a, b):\n    return a + b\n",
+    "Private domain-specific models for support tickets and manuals.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The one tiny test tokenizer, trained by lmforge's own tokenizer stage (byte-level BPE, 400 ids:
+    <|bos|>=0 <|eos|>=1 <|pad|>=2 <|im_start|>=3 <|im_end|>=4, a ChatML chat template), saved as a
+    tokenizer directory (tokenizer.json, tokenizer_config.json, ...). Tests that need a tokenizer use
+    this one (or `tokenizer`, the same files loaded)."""
+    from lmforge.components.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(
+        iter(TOKENIZER_TEXTS),
+        out,
+        vocab_size=400,
+        min_frequency=2,
+        holdout_fraction=0.0,
+        reference_tokenizers=[],
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    """The tiny test tokenizer as a `tokenizers.Tokenizer`."""
+    from lmforge.tokenizer_files import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

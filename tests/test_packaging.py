@@ -42,7 +42,10 @@ def test_every_python_package_folder_is_listed_under_its_lmforge_name():
 
 
 def test_bare_folder_names_are_not_importable_outside_the_repository(tmp_path):
-    code = "import importlib.util as u; print([m for m in ('model', 'components', 'serving', 'pipelines') if u.find_spec(m)])"
+    code = (
+        "import importlib.util as u; "
+        "print([m for m in ('model', 'components', 'serving', 'pipelines') if u.find_spec(m)])"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )

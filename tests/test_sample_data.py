@@ -53,7 +53,10 @@ def test_reference_tokenizer_matches_notice():
 
 def test_fetch_helpers():
     fetch = _fetch_module()
-    rst = "Intro\n\n.. toctree::\n   :maxdepth: 2\n\n   string.rst\n   Regular expressions <re>\n\nAfter.\n   not_an_entry\n"
+    rst = (
+        "Intro\n\n.. toctree::\n   :maxdepth: 2\n\n   string.rst\n   Regular expressions <re>\n\n"
+        "After.\n   not_an_entry\n"
+    )
     assert fetch._toctree_entries(rst) == ["string", "re"]
     assert (
         fetch._strip_front_matter("---\nkey: mit\n---\n\nPermission is granted.\n")

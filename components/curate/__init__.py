@@ -6,7 +6,7 @@
 One module per job: readers (inputs), normalize (decoding + text cleanup), markup (HTML), filters
 (quality heuristics), dedup (exact + MinHash LSH), pii (redaction), split (stable assignment),
 output (JSONL shards), datacard (accounting), process (per-document work in the workers),
-pipeline (orchestration). The `lmforge curate` command and the KFP component both call `curate`.
+pipeline (orchestration). The `lmforge curate` command and `lmforge run` both call `curate`.
 """
 
 from lmforge.components.curate.config import CurateConfig

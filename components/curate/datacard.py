@@ -46,7 +46,8 @@ DATACARD_VERSION = 1
 class Ledger:
     def __init__(self, inputs: list[str], files_per_input: list[int]) -> None:
         self.inputs = [
-            {"uri": uri, "files": n, "documents": 0, "kept": 0} for uri, n in zip(inputs, files_per_input)
+            {"uri": uri, "files": n, "documents": 0, "kept": 0}
+            for uri, n in zip(inputs, files_per_input, strict=True)
         ]
         self.docs_in = self.bytes_in = 0
         self.kept = self.kept_raw_bytes = self.bytes_out = 0
@@ -95,7 +96,7 @@ class Ledger:
         self.inputs[input_index]["kept"] += 1
         self.splits[split]["documents"] += 1
         self.splits[split]["bytes"] += text_bytes
-        for t, n in zip(PII_TYPES, pii):
+        for t, n in zip(PII_TYPES, pii, strict=True):
             self.pii[t] += n
 
     def finalize(
@@ -110,7 +111,8 @@ class Ledger:
         rejected_bytes = sum(b for _, b in self.rejected.values())
         if self.docs_in != self.kept + rejected_docs or self.bytes_in != self.kept_raw_bytes + rejected_bytes:
             raise RuntimeError(  # an accounting bug, never a data problem
-                f"datacard does not balance: in={self.docs_in}/{self.bytes_in}B, kept={self.kept}/{self.kept_raw_bytes}B, "
+                f"datacard does not balance: in={self.docs_in}/{self.bytes_in}B, "
+                f"kept={self.kept}/{self.kept_raw_bytes}B, "
                 f"rejected={rejected_docs}/{rejected_bytes}B"
             )
         from lmforge import __version__

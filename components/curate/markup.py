@@ -4,6 +4,8 @@ Keeps what a reader sees: text of the body, paragraph/heading/list/table structu
 `<pre>` blocks verbatim (code samples keep their indentation), entities decoded. Drops what a reader
 does not see: scripts, styles, templates, comments, the document head except its <title>.
 Malformed markup never raises; unclosed tags are simply ended by the end of input.
+The result is laid out like curated text: lines without trailing spaces, at most one blank line in a
+row, none at the start or end.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class _TextExtractor(HTMLParser):
 
 
 def html_to_text(html: str) -> str:
+    """The visible text of an HTML document: the one HTML-to-text rule of lmforge (curation, tokenizer
+    training, scripts/fetch_corpora.py)."""
     parser = _TextExtractor()
     parser.feed(html)
     parser.close()
@@ -118,4 +122,14 @@ def html_to_text(html: str) -> str:
         else:
             flow.append(text)
     out.append(_BREAK_SPACES.sub("\n", "".join(flow)))
-    return "".join(out)
+    # The layout curated text has (normalize.py): no trailing spaces, at most one blank line in a row,
+    # no blank lines at either end. Curation and tokenizer training both read HTML through this
+    # function, so the same page gives both stages the same text.
+    lines: list[str] = []
+    for line in "".join(out).split("\n"):
+        line = line.rstrip()
+        if line or (lines and lines[-1]):
+            lines.append(line)
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines)

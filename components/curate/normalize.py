@@ -105,5 +105,5 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
     text = text.translate(_TRANSLATE)
     text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))  # linear, unlike a regex
     max_blank = cfg.max_consecutive_blank_lines
-    text = re.sub("\n{%d,}" % (max_blank + 2), "\n" * (max_blank + 1), text)
+    text = re.sub(f"\n{{{max_blank + 2},}}", "\n" * (max_blank + 1), text)
     return text.strip("\n") if text.strip() else ""

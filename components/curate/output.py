@@ -34,7 +34,8 @@ def prepare_output(output_dir: Path, overwrite: bool) -> None:
     existing = [p for p in owned if p.exists()]
     if existing and not overwrite:
         raise UserError(
-            f"output folder {output_dir} already holds a curated dataset ({existing[0].name}); pass --overwrite to replace it"
+            f"output folder {output_dir} already holds a curated dataset ({existing[0].name}); "
+            "pass --overwrite to replace it"
         )
     for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -22,7 +22,8 @@ PII_TYPES = ("private_key", "secret", "email", "ip_address", "phone")
 PLACEHOLDERS = {t: f"[{t.upper()}]" for t in PII_TYPES}
 
 _PRIVATE_KEY = re.compile(
-    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)",
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    r".*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)",
     re.DOTALL,
 )
 # Provider-shaped tokens (recognisable by prefix) and values assigned to secret-sounding names.
@@ -43,12 +44,16 @@ _SECRET_TOKENS = re.compile(
 # every position was 10x slower and dominated curation time.
 _ASSIGNED_VALUE = re.compile(r"""[:=][ \t]*["']?(?P<value>[A-Za-z0-9_\-+/=.~]{12,})""")
 _SECRET_NAME = re.compile(
-    r"""(?i)(?:api[_-]?key|secret(?:[_-]?access)?[_-]?key|secret|token|passw(?:or)?d|pwd|auth[_-]?key|private[_-]?key|access[_-]?key)\b["']?[ \t]*\Z"""
+    r"(?i)(?:api[_-]?key|secret(?:[_-]?access)?[_-]?key|secret|token|passw(?:or)?d|pwd"
+    r"|auth[_-]?key|private[_-]?key|access[_-]?key)"
+    r"""\b["']?[ \t]*\Z"""
 )
 _EMAIL = re.compile(
     r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"
 )
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
+# Not part of a longer dotted run (a version 1.2.3.4.5, a name 10.0.0.1.log); a full stop that ends
+# the sentence ("from host 203.0.113.7.") or an ellipsis may follow.
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\w)")
 _IPV6 = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"
 )

@@ -55,7 +55,7 @@ class Processor:
             return result
         try:
             self._process(raw, result)
-        except Exception as err:  # noqa: BLE001 - one pathological document must not end a long run; it is counted
+        except Exception as err:  # one pathological document must not end a long run; it is counted
             result.reason, result.text, result.signature = "processing_error", None, None
             result.detail = f"{raw.doc_id}: {type(err).__name__}: {err}"
         return result

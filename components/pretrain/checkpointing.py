@@ -46,7 +46,7 @@ from lmforge.model.transformer import Transformer
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmforge.components.pretrain.env import RunEnv
-    from lmforge.components.pretrain.strategies import Engine
+    from lmforge.components.pretrain.strategies import TrainingStrategy
 
 FORMAT = "lmforge-pretrain-checkpoint/1"
 STATE_FILE = "trainer_state.json"
@@ -67,7 +67,7 @@ def save(
     stage: Path,
     *,
     env: RunEnv,
-    engine: Engine,
+    strategy: TrainingStrategy,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     data_state: dict[str, Any],
     step: int,
@@ -77,13 +77,13 @@ def save(
     """Write this rank's part of the checkpoint into `stage` (every rank calls this, collectively).
 
     `info` is stored in trainer_state.json as is (config, model config, MLflow run id, metrics)."""
-    engine.save(stage)  # collective for fsdp / deepspeed
+    strategy.save(stage)  # collective for fsdp / deepspeed
     rng_dir = stage / "rng"
     rng_dir.mkdir(exist_ok=True)
     torch.save(rng_state(), rng_dir / f"rank-{env.rank}.pt")
     if env.rank == 0:
         torch.save(
-            {"scheduler": scheduler.state_dict(), "scaler": engine.scaler_state()}, stage / TRAIN_STATE_FILE
+            {"scheduler": scheduler.state_dict(), "scaler": strategy.scaler_state()}, stage / TRAIN_STATE_FILE
         )
     files = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
     manifest: list[list[str]] = [files]
@@ -96,7 +96,7 @@ def save(
             "step": step,
             "tokens_seen": tokens_seen,
             "world_size": env.world_size,
-            "strategy": engine.name,
+            "strategy": strategy.name,
             "data": data_state,
             "files": {str(rank): names for rank, names in enumerate(manifest)},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -172,7 +172,8 @@ def resolve_resume(spec: str | None, checkpoints_dir: Path) -> Path | None:
     if spec is None:
         if existing is not None:
             raise CheckpointError(
-                f"{checkpoints_dir} already holds checkpoints (latest: {existing.name}); pass --resume auto to "
+                f"{checkpoints_dir} already holds checkpoints (latest: {existing.name}); "
+                "pass --resume auto to "
                 "continue that run, or choose another output_dir"
             )
         return None
@@ -196,7 +197,8 @@ def resolve_resume(spec: str | None, checkpoints_dir: Path) -> Path | None:
             )
     if existing is not None and existing.resolve() != chosen.resolve():
         raise CheckpointError(
-            f"--resume {spec}: {checkpoints_dir} already holds checkpoints of another run (latest: {existing.name}); "
+            f"--resume {spec}: {checkpoints_dir} already holds checkpoints of another run "
+            f"(latest: {existing.name}); "
             "resume into a fresh output_dir, or use --resume auto to continue the run that is there"
         )
     return chosen
@@ -207,7 +209,7 @@ def load(
     path: Path,
     *,
     env: RunEnv,
-    engine: Engine,
+    strategy: TrainingStrategy,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_data,
 ) -> dict[str, Any]:
@@ -217,20 +219,21 @@ def load(
     missing = missing_files(path)
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing[:5])}")
-    if state["strategy"] != engine.name:
+    if state["strategy"] != strategy.name:
         raise CheckpointError(
-            f"checkpoint {path} was written by strategy {state['strategy']!r}, this run uses {engine.name!r}; "
-            f"set strategy.name={state['strategy']} (or consolidate it to a model dir and use model.init_from)"
+            f"checkpoint {path} was written by strategy {state['strategy']!r}, this run uses "
+            f"{strategy.name!r}; set strategy.name={state['strategy']} (or consolidate it to a model dir "
+            "and use model.init_from)"
         )
-    if engine.name == "deepspeed" and state["world_size"] != env.world_size:
+    if strategy.name == "deepspeed" and state["world_size"] != env.world_size:
         raise CheckpointError(
             f"checkpoint {path} holds DeepSpeed ZeRO partitions for {state['world_size']} workers; "
             f"resume with ray.num_workers={state['world_size']} (this run has {env.world_size})"
         )
-    engine.load(path)
+    strategy.load(path)
     extra = torch.load(path / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
-    engine.load_scaler_state(extra["scaler"])
+    strategy.load_scaler_state(extra["scaler"])
     train_data.load_state_dict(state["data"])
     rng_file = path / "rng" / f"rank-{env.rank}.pt"
     if rng_file.is_file():
@@ -324,5 +327,6 @@ def load_weights(model: Transformer, weights: dict[str, torch.Tensor], where: st
     missing = [k for k in result.missing_keys if not (model.config.tie_embeddings and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+            f"{where}: weights do not match the model "
+            f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
         )

@@ -273,7 +273,8 @@ class PretrainConfig:
         if self.data.global_batch_size % per_step:
             raise ConfigError(
                 f"data.global_batch_size={self.data.global_batch_size} is not divisible by "
-                f"data.micro_batch_size={self.data.micro_batch_size} x ray.num_workers={self.world_size} = {per_step}; "
+                f"data.micro_batch_size={self.data.micro_batch_size} x "
+                f"ray.num_workers={self.world_size} = {per_step}; "
                 f"use a multiple of {per_step} (each worker must run whole micro-batches)"
             )
         if self.model.init_from is None:
@@ -320,7 +321,8 @@ class PretrainConfig:
 def describe(cfg: PretrainConfig) -> str:
     """One line for the console: what is about to run."""
     return (
-        f"{cfg.strategy.name} x{cfg.world_size} ({'in-process' if cfg.local else 'Ray Train'}), {cfg.precision.dtype}, "
+        f"{cfg.strategy.name} x{cfg.world_size} ({'in-process' if cfg.local else 'Ray Train'}), "
+        f"{cfg.precision.dtype}, "
         f"{cfg.schedule.max_steps} steps x {cfg.data.global_batch_size} seq x {cfg.data.seq_len} tok "
         f"(micro {cfg.data.micro_batch_size}, accum {cfg.grad_accum_steps}), peak lr {cfg.optim.lr:g}, "
         f"{_count(cfg.schedule.max_steps * cfg.tokens_per_step)} tokens"

@@ -34,6 +34,7 @@ from lmforge.model.transformer import Transformer
 
 # Peak dense bf16 FLOP/s per device (../shared/docs/anchors.md), matched against the CUDA device name.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+IGNORE_INDEX = -100  # a target the model does not score (Transformer.forward's `targets`)
 
 OnStep = Callable[
     [int, int], None
@@ -91,14 +92,16 @@ def train(
     # ---- strategy (DDP / FSDP / DeepSpeed + activation checkpointing + compile), AdamW, schedule
     if cfg.strategy.name != "ddp":
         env.ensure_process_group(cfg.strategy.backend or ("nccl" if env.device.type == "cuda" else "gloo"))
-    engine = strategies.prepare(model, cfg, env)
-    scheduler = build_scheduler(engine.optimizer, cfg.schedule)
+    strategy = strategies.prepare(model, cfg, env)
+    scheduler = build_scheduler(strategy.optimizer, cfg.schedule)
 
     # ---- resume: model, optimizer, schedule, scaler, data position and RNG, exactly
     step, tokens_seen = 0, 0
     start = env.start_checkpoint()
     if start is not None:
-        state = checkpointing.load(start, env=env, engine=engine, scheduler=scheduler, train_data=train_data)
+        state = checkpointing.load(
+            start, env=env, strategy=strategy, scheduler=scheduler, train_data=train_data
+        )
         step, tokens_seen = state["step"], state["tokens_seen"]
         if env.rank == 0:
             print(f"[pretrain] resumed from {start} at step {step}", flush=True)
@@ -116,7 +119,7 @@ def train(
     loss_sum = torch.zeros((), device=env.device)  # sum of step losses since the last log (no host sync)
     grad_norm = torch.zeros(())
     window_steps, window_start, paused = 0, time.perf_counter(), 0.0
-    engine.model.train()
+    strategy.model.train()
 
     while step < max_steps:
         # one optimizer step: this rank's share of the global batch, in micro-batches
@@ -124,13 +127,13 @@ def train(
             inputs, targets = train_data.next_batch(micro)  # (micro, T) int64 each
             inputs = inputs.to(env.device, non_blocking=True)
             targets = targets.to(env.device, non_blocking=True)
-            with engine.accumulate(sync=i == accum - 1):  # all-reduce gradients on the last one only
-                with engine.autocast():
+            with strategy.accumulate(sync=i == accum - 1):  # all-reduce gradients on the last one only
+                with strategy.autocast():
                     # the model returns the loss through its fused head + cross-entropy (no logits tensor)
-                    loss = engine.model(inputs, targets=targets)
-                engine.backward(loss / accum)
+                    loss = strategy.model(inputs, targets=targets)
+                strategy.backward(loss / accum)
             loss_sum += loss.detach() / accum
-        grad_norm = engine.step()
+        grad_norm = strategy.step()
         scheduler.step()
         step += 1
         tokens_seen += cfg.tokens_per_step
@@ -153,7 +156,7 @@ def train(
                     scheduler.get_last_lr()
                 ),  # the full-rate groups (layer-wise decay scales the rest down)
                 "train/grad_norm": float(grad_norm),
-                "train/loss_scale": engine.loss_scale(),
+                "train/loss_scale": strategy.loss_scale(),
                 "train/tokens_per_s": tokens_per_s,
                 "train/tokens_seen": float(tokens_seen),
                 "train/peak_mem_gb": _peak_memory_gb(env),
@@ -166,7 +169,7 @@ def train(
         # evaluate: validation loss and perplexity
         if val_data is not None and (step % cfg.eval.every == 0 or step == max_steps):
             t = time.perf_counter()
-            record.update(evaluate(engine, val_data, cfg.eval.batches, micro, env))
+            record.update(evaluate(strategy, val_data, cfg.eval.batches, micro, env))
             paused += time.perf_counter() - t
 
         if record and env.rank == 0:
@@ -187,7 +190,7 @@ def train(
             checkpointing.save(
                 stage,
                 env=env,
-                engine=engine,
+                strategy=strategy,
                 scheduler=scheduler,
                 data_state=train_data.state_dict(),
                 step=step,
@@ -221,19 +224,29 @@ def train(
 # ---- helpers --------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(
-    engine: strategies.Engine, data: PackedTokenDataset, max_batches: int, batch_size: int, env: RunEnv
+    strategy: strategies.TrainingStrategy,
+    data: PackedTokenDataset,
+    max_batches: int,
+    batch_size: int,
+    env: RunEnv,
 ) -> dict[str, float]:
-    """Mean next-token loss over (up to) `max_batches` batches of every rank's validation share."""
-    engine.model.eval()
+    """Mean next-token loss over (up to) `max_batches` batches of every rank's validation share.
+
+    The model returns the mean over the scored targets (IGNORE_INDEX excluded); weighting each batch
+    by its number of scored targets makes the result the mean over all of them, whatever the batches."""
+    strategy.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of token losses, tokens)
     for inputs, targets in data.iter_eval_batches(batch_size, max_batches=max_batches):
         inputs, targets = inputs.to(env.device), targets.to(env.device)
-        with engine.autocast():
-            loss = engine.model(inputs, targets=targets).double() * targets.numel()  # mean -> sum
-        total += torch.stack([loss, torch.tensor(targets.numel(), dtype=torch.float64, device=env.device)])
+        scored = (targets != IGNORE_INDEX).sum().double()
+        with strategy.autocast():
+            batch_mean = strategy.model(inputs, targets=targets).double()
+        # mean -> sum; a batch with nothing scored (0/0 = nan) adds nothing. No skipping it on the host:
+        # that would sync every batch, and sharded strategies need every rank in every forward pass.
+        total += torch.stack([torch.where(scored > 0, batch_mean * scored, 0.0), scored])
     if env.distributed and env.world_size > 1:
         dist.all_reduce(total)
-    engine.model.train()
+    strategy.model.train()
     mean = (total[0] / total[1].clamp(min=1)).item()
     return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0))}
 

@@ -2,14 +2,14 @@
 
 `prepare(model, cfg, env)` applies, in order (as torchtitan does): activation checkpointing ->
 per-block torch.compile -> the strategy (DDP, FSDP2 `fully_shard`, or DeepSpeed ZeRO 1/2/3), and
-returns an `Engine`: the wrapped model plus the few operations the training loop needs, whose
+returns a `TrainingStrategy`: the wrapped model plus the few operations the training loop needs, whose
 implementation differs per strategy:
 
-    with engine.accumulate(sync=last_micro_batch):   # skip the gradient all-reduce until the last
-        with engine.autocast():
-            loss = engine.model(inputs, targets=targets)  # fused head + loss
-        engine.backward(loss / accum_steps)           # loss scaling for fp16
-    grad_norm = engine.step()                         # unscale, clip, AdamW step, zero grads
+    with strategy.accumulate(sync=last_micro_batch):   # skip the gradient all-reduce until the last
+        with strategy.autocast():
+            loss = strategy.model(inputs, targets=targets)  # fused head + loss
+        strategy.backward(loss / accum_steps)           # loss scaling for fp16
+    grad_norm = strategy.step()                         # unscale, clip, AdamW step, zero grads
 
 and checkpoint I/O (`save` / `load`, each rank writing its own part). Nothing here knows about
 Ray: the process group exists already (Ray Train's, or the one-process group of an in-process run).
@@ -40,8 +40,9 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
-class Engine:
-    """A model prepared for training with one strategy (see the module docstring)."""
+class TrainingStrategy:
+    """A model prepared for training with one strategy (see the module docstring). Not to be confused
+    with `lmforge.model.engine.Engine`, the inference engine."""
 
     name = "base"
     model: nn.Module  # call this for the forward pass
@@ -77,7 +78,7 @@ class Engine:
 
 
 # ---- DDP and FSDP: torch optimizer + GradScaler ---------------------------------------------
-class _TorchEngine(Engine):
+class _TorchStrategy(TrainingStrategy):
     def __init__(
         self,
         cfg: PretrainConfig,
@@ -120,7 +121,7 @@ class _TorchEngine(Engine):
             self.scaler.load_state_dict(state)
 
 
-class DDPEngine(_TorchEngine):
+class DDPStrategy(_TorchStrategy):
     """Replicated model; gradients all-reduced (skipped on accumulation micro-batches)."""
 
     name = "ddp"
@@ -142,7 +143,7 @@ class DDPEngine(_TorchEngine):
         )
 
 
-class FSDPEngine(_TorchEngine):
+class FSDPStrategy(_TorchStrategy):
     """Parameters, gradients and optimizer state sharded over the workers (FSDP2 `fully_shard`)."""
 
     name = "fsdp"
@@ -179,8 +180,8 @@ class FSDPEngine(_TorchEngine):
 
 
 # ---- DeepSpeed ------------------------------------------------------------------------------
-class DeepSpeedEngine(Engine):
-    """DeepSpeed ZeRO: the engine owns mixed precision, loss scaling, clipping and the partitioned
+class DeepSpeedStrategy(TrainingStrategy):
+    """DeepSpeed ZeRO: DeepSpeed's engine owns mixed precision, loss scaling, clipping and the partitioned
     optimizer state; the torch AdamW passed in does the update on each rank's partition."""
 
     name = "deepspeed"
@@ -257,7 +258,7 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 # ---- prepare --------------------------------------------------------------------------------
-def prepare(model: Transformer, cfg: PretrainConfig, env: RunEnv) -> Engine:
+def prepare(model: Transformer, cfg: PretrainConfig, env: RunEnv) -> TrainingStrategy:
     """Apply the configured transforms and strategy to `model` (on CPU, identical on every rank)."""
     if cfg.strategy.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -272,7 +273,7 @@ def prepare(model: Transformer, cfg: PretrainConfig, env: RunEnv) -> Engine:
     if name == "deepspeed":
         model.to(env.device)
         optimizer = build_optimizer(param_groups(model, n_layers, cfg.optim), cfg.optim)
-        return DeepSpeedEngine(cfg, env, model, optimizer)
+        return DeepSpeedStrategy(cfg, env, model, optimizer)
 
     if name == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -298,7 +299,7 @@ def prepare(model: Transformer, cfg: PretrainConfig, env: RunEnv) -> Engine:
         else:
             scaler = torch.amp.GradScaler(env.device.type, enabled=False)
         # FSDP casts the gathered parameters itself (the policy), so no autocast on top.
-        return FSDPEngine(cfg, env, model, model, optimizer, scaler, autocast_dtype=None)
+        return FSDPStrategy(cfg, env, model, model, optimizer, scaler, autocast_dtype=None)
 
     model.to(env.device)
     wrapped: nn.Module = model
@@ -325,4 +326,4 @@ def prepare(model: Transformer, cfg: PretrainConfig, env: RunEnv) -> Engine:
         growth_interval=cfg.precision.growth_interval,
         enabled=fp16,
     )
-    return DDPEngine(cfg, env, model, wrapped, optimizer, scaler, autocast_dtype=half)
+    return DDPStrategy(cfg, env, model, wrapped, optimizer, scaler, autocast_dtype=half)

@@ -2,7 +2,7 @@
 
 Each verb lives in its own module under `lmforge/cli/` exposing `register(subparsers)`; the
 module parses arguments and calls the stage's plain function in `components/` (one code path for
-the CLI, the tests and the KFP components). A user error (bad config, missing file) prints one line
+the CLI, `lmforge run` and the tests). A user error (bad config, missing file) prints one line
 and exits 2; anything else is a bug: its traceback is printed, followed by one line saying so (exit 1).
 """
 
@@ -31,7 +31,9 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
-        description="Train, fine-tune, evaluate and serve private domain-specific language models.",
+        description="Curate data, train a tokenizer and a language model, register and serve it: private "
+        "domain-specific language models on your own machines. Coming, with no command yet: fine-tuning, "
+        "quantization, evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -13,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp = sub.add_parser(
         "import-hf",
         help="import a Hugging Face Llama-family checkpoint as an lmforge model directory",
-        description="Validate a Hugging Face LlamaForCausalLM checkpoint (safetensors only) and write it as an "
-        "lmforge model directory. Architectures lmforge cannot represent exactly are refused, naming the field.",
+        description="Validate a Hugging Face LlamaForCausalLM checkpoint (safetensors only) and write it as "
+        "an lmforge model directory. Architectures lmforge cannot represent exactly are refused, naming the "
+        "field.",
     )
     imp.add_argument(
         "--input",
@@ -35,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser(
         "export-hf",
         help="export an lmforge model directory as a plain Hugging Face checkpoint",
-        description="Write an lmforge model directory as a Hugging Face checkpoint that transformers, vLLM and "
-        "llama.cpp's converter load with no conversion.",
+        description="Write an lmforge model directory as a Hugging Face checkpoint that transformers, vLLM "
+        "and llama.cpp's converter load with no conversion.",
     )
     exp.add_argument("--input", required=True, help="lmforge model directory")
     exp.add_argument("--output", required=True, help="Hugging Face directory to write")
@@ -48,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _report(verb: str, result) -> int:
     Console().print(
-        f"[green]{verb}[/green] {result.model_dir}: {result.num_params:,} parameters, {result.dtype}, "
-        f"tokenizer files: {', '.join(result.tokenizer_files) or 'none'}"
+        f"[green]{verb}[/green] {escape(str(result.model_dir))}: {result.num_params:,} parameters, "
+        f"{result.dtype}, "
+        f"tokenizer files: {escape(', '.join(result.tokenizer_files)) or 'none'}"
     )
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +67,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     )
     splits = ", ".join(f"{s} {n:,} tokens / {result.documents[s]:,} docs" for s, n in result.tokens.items())
     Console(soft_wrap=True).print(
-        f"[green]tokenized[/green] {splits} -> {result.index_path} ({result.dtype}, vocab {result.vocab_size:,}, eos id {result.eos_id})"
+        f"[green]tokenized[/green] {splits} -> {escape(str(result.index_path))} ({result.dtype}, "
+        f"vocab {result.vocab_size:,}, eos id {result.eos_id})"
     )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Train a byte-level BPE tokenizer (every byte is a token, so no text is ever unknown) and write "
             "tokenizer.json, tokenizer_config.json (special tokens, ChatML chat template) and "
             "special_tokens_map.json, which transformers' AutoTokenizer loads unchanged. A fraction of the "
-            "documents is held out (stable hash of each document's id) and fertility.json/fertility.md report "
-            "tokens per word and bytes per token on it, next to reference tokenizers."
+            "documents is held out (stable hash of each document's id) and fertility.json/fertility.md "
+            "report tokens per word and bytes per token on it, next to reference tokenizers."
         ),
-        epilog="example: lmforge tokenizer train --input data/sample --output out/tokenizer --vocab-size 8192",
+        epilog=(
+            "example: lmforge tokenizer train --input data/sample/python-docs --output out/tokenizer "
+            "--vocab-size 8192"
+        ),
     )
     train.add_argument(
         "--input",
@@ -80,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
     from lmforge.components.tokenizer import train_tokenizer
 
     console = Console(soft_wrap=True)  # keep the markdown table on one line per row
-    console.print(f"training a byte-level BPE tokenizer on {', '.join(args.input)} ...")
+    console.print(f"training a byte-level BPE tokenizer on {', '.join(args.input)} ...", markup=False)
     result = train_tokenizer(
         args.input,
         args.output,
@@ -93,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     c = result.corpus
     console.print(
-        f"[green]trained[/green] {result.output_dir}: vocab size {result.vocab_size:,} "
+        f"[green]trained[/green] {escape(str(result.output_dir))}: vocab size {result.vocab_size:,} "
         f"(requested {result.requested_vocab_size:,}) in {result.train_seconds:.1f} s on "
         f"{c.train_documents:,} documents ({c.train_bytes:,} bytes); {c.heldout_documents:,} held out"
     )

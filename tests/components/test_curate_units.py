@@ -21,7 +21,7 @@ from lmforge.components.curate.dedup import Deduplicator, Signer, exact_key
 from lmforge.components.curate.filters import quality_reason
 from lmforge.components.curate.markup import html_to_text
 from lmforge.components.curate.normalize import decode, is_binary, normalize_text
-from lmforge.components.curate.pii import redact
+from lmforge.components.curate.pii import PII_TYPES, redact
 from lmforge.components.curate.split import assign_split
 from lmforge.config import load
 from lmforge.model.config import ConfigError
@@ -78,7 +78,7 @@ def test_html_to_text_is_tolerant() -> None:
     assert "Unclosed bold" in text and "Second & last" in text and "x = 1" not in text
     assert (
         html_to_text("<head><title>T</title><p>Body without closing head")
-        == "\nT\n\nBody without closing head"
+        == "T\n\nBody without closing head"  # laid out like curated text: no blank line at the start
     )
 
 
@@ -143,6 +143,40 @@ def test_things_that_only_look_like_pii_are_kept() -> None:
     assert out == text and sum(counts.values()) == 0
 
 
+PII_SAMPLES = {
+    "ip_address": "203.0.113.7",
+    "email": "jane.doe+ops@mail.example.co.uk",
+    "phone": "+44 20 7946 0958",
+}
+PII_CONTEXTS = {
+    "sentence end": "It came from {}.",
+    "ellipsis": "It came from {}...",
+    "exclamation": "Write to {}!",
+    "question": "Was it {}?",
+    "comma": "From {}, then elsewhere.",
+    "parentheses": "The host ({}) answered.",
+    "parentheses at sentence end": "It answered (from {}).",
+    "double quotes": 'He said "{}" twice.',
+    "single quotes": "He said '{}'.",
+    "typographic quotes": "He said \u201c{}\u201d.",
+    "line end": "first line {}.\nsecond line",
+}
+
+
+@pytest.mark.parametrize("context", PII_CONTEXTS.values(), ids=PII_CONTEXTS.keys())
+@pytest.mark.parametrize("kind", PII_SAMPLES)
+def test_pii_is_redacted_next_to_punctuation(kind: str, context: str) -> None:
+    """Regression: an IPv4 address directly followed by a full stop was kept."""
+    out, counts = redact(context.format(PII_SAMPLES[kind]), PiiConfig())
+    assert out == context.format(f"[{kind.upper()}]")
+    assert counts[kind] == 1 and sum(counts.values()) == 1
+
+
+@pytest.mark.parametrize("text", ["Python 1.2.3.4.5 is out", "see 10.0.0.1.log", "version v203.0.113.7"])
+def test_dotted_runs_that_are_not_addresses_are_kept(text: str) -> None:
+    assert redact(text, PiiConfig()) == (text, dict.fromkeys(PII_TYPES, 0))
+
+
 def test_pii_types_can_be_disabled() -> None:
     out, counts = redact("write to a@b.io from 8.8.8.8", PiiConfig(email=False))
     assert out == "write to a@b.io from [IP_ADDRESS]" and counts["email"] == 0
@@ -199,7 +233,7 @@ def test_split_assignment_is_stable_and_proportional() -> None:
     share = Counter(first)
     assert abs(share["validation"] / 20000 - 0.1) < 0.01 and abs(share["test"] / 20000 - 0.2) < 0.01
     other = [assign_split(i, SplitConfig(validation=0.1, test=0.2, salt="other")) for i in ids]
-    assert sum(a != b for a, b in zip(first, other)) > 5000  # a new salt draws a new split
+    assert sum(a != b for a, b in zip(first, other, strict=True)) > 5000  # a new salt draws a new split
 
 
 # ---- config ---------------------------------------------------------------------------------------

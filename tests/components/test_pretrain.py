@@ -20,7 +20,7 @@ from _pretrain_data import REPO, build_sample_shards, tiny_config
 
 from lmforge.cli import main as cli_main
 from lmforge.components.pretrain import checkpointing, consolidate, pretrain
-from lmforge.components.pretrain import trainer as _ray_trainer_module  # noqa: F401 (imports cleanly)
+from lmforge.components.pretrain import trainer as _ray_trainer_module
 from lmforge.components.pretrain.config import PretrainConfig
 from lmforge.components.pretrain.optim import lr_multiplier, param_groups
 from lmforge.config import build, load
@@ -168,6 +168,54 @@ def test_schedules() -> None:
 
 
 # ---- the loop, in process ---------------------------------------------------------------------------
+class _Batches:
+    """Stands in for the validation dataset: fixed (inputs, targets) batches."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def iter_eval_batches(self, batch_size: int, max_batches: int):
+        yield from self.batches[:max_batches]
+
+
+def test_validation_loss_is_the_mean_over_scored_targets(tmp_path: Path) -> None:
+    """Regression: evaluate turned each batch's mean into a sum with targets.numel(), which counts
+    ignore_index targets (-100) too; batches with fewer scored targets were over-weighted."""
+    from lmforge.components.pretrain import loop, strategies
+    from lmforge.components.pretrain.env import RunEnv
+
+    cfg = build(PretrainConfig, {**BASE, "ray": {"num_workers": 0}})
+    env = RunEnv(tmp_path, 1, None)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", vocab_size=64))
+    strategy = strategies.prepare(model, cfg, env)
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for ignored in (0, 12, 16):  # all scored, most ignored, nothing scored
+        inputs, targets = (
+            torch.randint(0, 64, (2, 8), generator=gen),
+            torch.randint(0, 64, (2, 8), generator=gen),
+        )
+        targets.view(-1)[:ignored] = loop.IGNORE_INDEX
+        batches.append((inputs, targets))
+
+    got = loop.evaluate(strategy, _Batches(batches), max_batches=3, batch_size=2, env=env)
+
+    with torch.no_grad():
+        losses = torch.cat(
+            [
+                torch.nn.functional.cross_entropy(
+                    model(x).flatten(0, 1), y.flatten(), ignore_index=loop.IGNORE_INDEX, reduction="none"
+                )[y.flatten() != loop.IGNORE_INDEX]
+                for x, y in batches
+            ]
+        )
+    assert len(losses) == 16 + 4
+    assert got["val/loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert got["val/ppl"] == pytest.approx(math.exp(losses.mean().item()), rel=1e-5)
+    assert model.training  # evaluation puts the model back into training mode
+
+
 def test_sigterm_checkpoints_and_resume_is_exact(shards: Path, tmp_path: Path) -> None:
     """An uninterrupted run and a run stopped by SIGTERM at step 3 then resumed (--resume auto)
     end with bit-identical weights and loss curves; the resumed run continues the same MLflow run."""

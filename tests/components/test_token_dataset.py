@@ -188,7 +188,10 @@ def test_module_does_not_import_services(repo_root: Path) -> None:
     import subprocess
     import sys
 
-    code = "import sys, lmforge.components.token_dataset; print(sorted(m for m in ('ray', 'mlflow', 'kfp') if m in sys.modules))"
+    code = (
+        "import sys, lmforge.components.token_dataset; "
+        "print(sorted(m for m in ('ray', 'mlflow', 'kfp') if m in sys.modules))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True
     )

@@ -1,8 +1,7 @@
 """tokenize_dataset: curated JSONL splits -> flat token shards + index, read back losslessly.
 
-The tokenizer is a tiny byte-level BPE trained here (special tokens <|bos|> <|eos|> <|pad|>), so the
-test does not depend on the tokenizer stage; byte-level BPE is lossless, so decoding each document's
-tokens must give its text back exactly.
+The tokenizer is the tiny test tokenizer (`tokenizer_dir`, tests/conftest.py); byte-level BPE is
+lossless, so decoding each document's tokens must give its text back exactly.
 """
 
 from __future__ import annotations
@@ -30,27 +29,6 @@ DOCS = {
 }
 
 
-def train_tiny_tokenizer(out: Path, texts: list[str], vocab_size: int = 320) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"})
-    )
-    return out
-
-
 def write_curated(root: Path, docs: dict[str, list[str]], per_file: int = 15) -> Path:
     for split, texts in docs.items():
         (root / split).mkdir(parents=True)
@@ -60,11 +38,6 @@ def write_curated(root: Path, docs: dict[str, list[str]], per_file: int = 15) ->
                     fh.write(json.dumps({"id": f"{split}-{n + i}", "text": text}) + "\n")
     (root / "datacard.json").write_text(json.dumps({"content_sha256": "abc123"}))
     return root
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    return train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), DOCS["train"] * 3)
 
 
 def test_tokenize_round_trip_and_index(tmp_path: Path, tokenizer_dir: Path) -> None:
@@ -91,7 +64,7 @@ def test_tokenize_round_trip_and_index(tmp_path: Path, tokenizer_dir: Path) -> N
         entry = index["splits"][split]
         files = [tmp_path / "tok" / s["file"] for s in entry["shards"]]
         assert all(s["num_tokens"] <= 500 for s in entry["shards"])
-        for s, f in zip(entry["shards"], files):
+        for s, f in zip(entry["shards"], files, strict=True):
             assert f.stat().st_size == 2 * s["num_tokens"]
             assert hashlib.sha256(f.read_bytes()).hexdigest() == s["sha256"]
         stream = np.concatenate([np.fromfile(f, dtype="<u2") for f in files]).astype(np.int64)
@@ -133,7 +106,7 @@ def test_bad_inputs(tmp_path: Path, tokenizer_dir: Path) -> None:
     bad_tok.mkdir()
     (bad_tok / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     (bad_tok / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    with pytest.raises(UserError, match="not in the vocabulary"):
+    with pytest.raises(UserError, match="not in its vocabulary"):
         tokenize_dataset(data, bad_tok, tmp_path / "o4", progress=False)
     with open(data / "train" / "part-00000.jsonl", "a") as fh:
         fh.write("{not json\n")
@@ -148,7 +121,7 @@ def test_dtype_widens_only_when_ids_do_not_fit() -> None:
 
 
 def test_curate_then_tokenize_through_the_cli(
-    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     import lmforge.cli as cli
     from lmforge.components.curate import CurateConfig, curate
@@ -157,7 +130,6 @@ def test_curate_then_tokenize_through_the_cli(
     cfg = CurateConfig(num_workers=1)
     cfg.split.validation = cfg.split.test = 0.3
     curated = curate([fixture], tmp_path / "data", cfg, progress=False)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.cli.tokenize"])
     rc = cli.main(
         [
             "tokenize",

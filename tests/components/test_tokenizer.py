@@ -26,6 +26,7 @@ from lmforge.components.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import UserError
+from lmforge.tokenizer_files import TokenizerNotFoundError
 
 TUTORIAL = Path(__file__).resolve().parents[2] / "data" / "sample" / "python-docs" / "tutorial"
 REFERENCE = tk.DEFAULT_REFERENCE_DIR
@@ -92,6 +93,11 @@ def test_transformers_loads_with_identical_ids(trained):
     assert 1 in expected  # the literal "<|eos|>" in the text is the eos token for both
     assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (0, 1, 2)
     assert len(auto) == trained.vocab_size
+    # the bos behaviour is declared twice and both say the same: add_bos_token is false and the
+    # post-processor adds no tokens, so a prompt is encoded without bos everywhere
+    assert (
+        raw.encode("x y").ids == raw.encode("x y", add_special_tokens=False).ids == auto("x y")["input_ids"]
+    )
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP)
@@ -219,9 +225,54 @@ def test_reads_every_supported_kind(tmp_path):
     assert not any("zzqq" in token for token in vocab)  # script and style content never reached training
 
 
-def test_html_to_text_keeps_visible_text():
-    html = "<html><head><title>T</title></head><body><h1>Title</h1><p>One &amp; two</p><pre>  x = 1\n  y</pre></body>"
-    assert tk.html_to_text(html) == "Title\n\nOne & two\n\n  x = 1\n  y\n"
+HTML_PAGES = {
+    "page.html": "<html><head><title>T</title></head><body><h1>Title</h1><p>One &amp; two</p>"
+    "<pre>  x = 1\n  y</pre></body>",
+    "tolerant.html": "<head><title>Guide</title><p>Body   without a closing head<br>next line"
+    "<div><p>Unclosed <b>bold<p>Second &amp; last<script>x = 1 < 2",
+    "layout.htm": "<body>\n  <ul>\n    <li>first item</li>\n    <li>second   item</li>\n  </ul>\n"
+    "<table><tr><td>cell a</td><td>cell b</td></tr></table>\n\n\n<p>Café &eacute; &#x1F600; end.</p>"
+    "<style>p { color: red }</style><!-- a comment --><pre>\tdef f():\n\t    return 1   \n</pre></body>",
+}
+
+
+def test_curation_and_tokenizer_training_read_the_same_text_from_html(tmp_path):
+    """One HTML-to-text rule (components/curate/markup.py): a page gives tokenizer training exactly the
+    text curation writes to the dataset (regression: the tokenizer stage had its own, different parser
+    that dropped the title and laid text out differently)."""
+    from lmforge.components.curate import CurateConfig, curate
+    from lmforge.components.curate.config import DedupConfig, FilterConfig, SplitConfig
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for name, html in HTML_PAGES.items():
+        (pages / name).write_text(html, encoding="utf-8")
+    no_filters = FilterConfig(
+        **{name: None for name in ("min_words", "max_words", "min_mean_word_length", "max_mean_word_length")},
+        min_alpha_fraction=None,
+        max_symbol_word_ratio=None,
+        max_duplicate_line_fraction=None,
+        max_bullet_line_fraction=None,
+        max_ellipsis_line_fraction=None,
+        bad_phrases=[],
+        language=None,
+    )
+    cfg = CurateConfig(
+        filters=no_filters,
+        dedup=DedupConfig(exact=False, near=False),
+        split=SplitConfig(validation=0.0, test=0.0),
+        num_workers=1,
+    )
+    curate([pages], tmp_path / "curated", cfg, progress=False)
+    curated = sorted(
+        json.loads(line)["text"]
+        for part in sorted((tmp_path / "curated" / "train").glob("part-*.jsonl"))
+        for line in part.read_text(encoding="utf-8").splitlines()
+    )
+    documents, _, _ = tk._documents([pages])
+    for_training = sorted("".join(doc.read()) for doc in documents)
+    assert len(curated) == len(HTML_PAGES) and for_training == curated
+    assert "T\n\nTitle\n\nOne & two\n\n  x = 1\n  y" in curated  # the title, blocks, <pre> kept
 
 
 def test_training_is_deterministic(tmp_path):
@@ -339,28 +390,28 @@ def test_bad_parameters(tmp_path):
         train_tokenizer(iter(["x"]), tmp_path / "out", vocab_size=300, min_frequency=0)
     with pytest.raises(TokenizerError, match="distinct"):
         SpecialTokens(pad="<|eos|>")
-    with pytest.raises(TokenizerError, match="no tokenizer"):
+    with pytest.raises(TokenizerError, match=r"extra\[1\]"):  # extras were once not checked at all
+        SpecialTokens(extra=("<tool>", " "))
+    with pytest.raises(TokenizerNotFoundError, match="no tokenizer"):
         load_tokenizer(tmp_path)
 
 
 # ---- command line --------------------------------------------------------------------------------
 
 
-def _cli(monkeypatch, argv):
-    """Run the real `lmforge` entry point with only this command registered (other verbs are optional here)."""
-    from lmforge import cli
+def _cli(argv):
+    """Run the real `lmforge` entry point (its parser, error mapping and exit codes)."""
+    from lmforge.cli import main
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.cli.tokenizer"])
-    return cli.main(argv)
+    return main(argv)
 
 
-def test_cli_trains_and_prints_summary(tmp_path, monkeypatch, capsys):
+def test_cli_trains_and_prints_summary(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, text in enumerate(_small_corpus(20)):
         (corpus / f"doc{i}.txt").write_text(text)
     code = _cli(
-        monkeypatch,
         [
             "tokenizer",
             "train",
@@ -388,7 +439,7 @@ def test_cli_trains_and_prints_summary(tmp_path, monkeypatch, capsys):
         (["--input", "EMPTY"], "corpus is empty"),
     ],
 )
-def test_cli_bad_input_exits_2(tmp_path, monkeypatch, capsys, extra, message):
+def test_cli_bad_input_exits_2(tmp_path, capsys, extra, message):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("some text\n")
     (tmp_path / "empty").mkdir()
@@ -398,7 +449,6 @@ def test_cli_bad_input_exits_2(tmp_path, monkeypatch, capsys, extra, message):
         for a in extra
     ]
     code = _cli(
-        monkeypatch,
         ["tokenizer", "train", "--output", str(tmp_path / "tok"), "--holdout-fraction", "0", *extra],
     )
     err = capsys.readouterr().err
@@ -406,9 +456,9 @@ def test_cli_bad_input_exits_2(tmp_path, monkeypatch, capsys, extra, message):
     assert err.startswith("lmforge tokenizer: error:") and message in err and "Traceback" not in err
 
 
-def test_cli_help_lists_the_flags(monkeypatch, capsys):
+def test_cli_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _cli(monkeypatch, ["tokenizer", "train", "--help"])
+        _cli(["tokenizer", "train", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for flag in (

@@ -44,3 +44,20 @@ def test_command_modules_are_importable():
 
     for name in COMMAND_MODULES:
         assert hasattr(importlib.import_module(name), "register"), name
+
+
+def test_a_bug_keeps_its_traceback_and_says_it_is_a_bug(monkeypatch, capsys):
+    """A ValueError raised by lmforge's own code is not the user's fault: no one-line "error:" and
+    exit 2, but the traceback, one line naming it a bug, and exit 1."""
+    import lmforge.cli.hf as hf_cli
+
+    def broken(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(hf_cli, "_import", broken)
+    code = main(["import-hf", "--input", "in", "--output", "out"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "ValueError: an internal invariant broke" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lmforge import-hf: internal error: this is a bug in lmforge")

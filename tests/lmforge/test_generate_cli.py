@@ -1,62 +1,35 @@
-"""`lmforge generate` end to end on a tiny model directory (weights + tokenizer.json)."""
-
-import argparse
+"""`lmforge generate` end to end on a tiny model directory (weights + tokenizer.json), through the real
+entry point `lmforge.cli.main`: its argument parsing, its error mapping and its exit codes."""
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmforge.cli import generate as generate_cmd
-from lmforge.errors import USER_ERRORS
+from lmforge.cli import main
+from lmforge.components.tokenizer import TokenizerInfo
 from lmforge.model.checkpoint import save_model_dir
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. 1234 5678.",
-    "Crème brûlée, café — déjà vu! 日本語 🙂",
-] * 30
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        CORPUS,
-        trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    (root / "tok").mkdir()
-    tok.save(str(root / "tok" / "tokenizer.json"))
+def model_dir(tmp_path_factory, tokenizer_dir):
+    info = TokenizerInfo.from_dir(tokenizer_dir)
     torch.manual_seed(0)
     cfg = ModelConfig.from_name(
         "tiny",
-        vocab_size=tok.get_vocab_size(),
+        vocab_size=info.vocab_size,
         init_std=0.2,
         tie_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=1,
+        bos_token_id=info.bos_id,
+        eos_token_id=info.eos_id,
     )
-    return save_model_dir(Transformer(cfg).eval(), root / "model", tokenizer_dir=root / "tok")
+    root = tmp_path_factory.mktemp("gen")
+    return save_model_dir(Transformer(cfg).eval(), root / "model", tokenizer_dir=tokenizer_dir)
 
 
 def cli(argv: list[str]) -> int:
-    """Parse and run like `lmforge generate ...` (user errors -> exit code 2, as lmforge.cli does)."""
-    parser = argparse.ArgumentParser(prog="lmforge")
-    generate_cmd.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["generate", *argv])
-    try:
-        return args.func(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}")
-        return 2
+    """`lmforge generate ...` as the installed command runs it (user errors: one line on stderr, exit 2)."""
+    return main(["generate", *argv])
 
 
 def test_greedy_is_deterministic_and_streaming_prints_the_same(model_dir, capsys):
@@ -133,20 +106,23 @@ def test_beam_search_regex_and_draft_model(model_dir, capsys):
 )
 def test_bad_arguments_fail_with_a_clear_message(model_dir, capsys, extra, message):
     assert cli(["--model", str(model_dir), "--prompt", "hi", *extra]) == 2
-    assert message in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge generate: error: ") and message in err
+    assert "Traceback" not in err  # a user error, not a bug
 
 
 def test_missing_model_or_tokenizer(model_dir, tmp_path, capsys):
     assert cli(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
-    assert "not a directory" in capsys.readouterr().out
+    assert "not a directory" in capsys.readouterr().err
     no_tok = tmp_path / "no_tok"
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tok / name).write_bytes((model_dir / name).read_bytes())
     assert cli(["--model", str(no_tok), "--prompt", "hi"]) == 2
-    assert "tokenizer.json" in capsys.readouterr().out
+    assert "tokenizer.json" in capsys.readouterr().err
 
 
 def test_prompt_and_prompt_file_are_exclusive(model_dir):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
         cli(["--model", str(model_dir), "--prompt", "a", "--prompt-file", "b"])
+    assert exit_info.value.code == 2

@@ -1,45 +1,26 @@
 """Text around generation: incremental detokenization never emits broken UTF-8, stop strings cut the
-output exactly (even when split across tokens), regex constraints hold, text streaming works."""
+output exactly (even when split across tokens), regex constraints hold, text streaming works, prompts
+are encoded as the model's own tokenizer encodes them, and the one events-to-text loop ends and
+closes streams correctly."""
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, processors
 
 from lmforge.errors import UserError
 from lmforge.model.config import ModelConfig
-from lmforge.model.generation import SamplingParams
+from lmforge.model.generation import SamplingParams, TokenEvent
 from lmforge.model.transformer import Transformer
 from lmforge.serving.textgen import (
     IncrementalDetokenizer,
     RegexConstraint,
     StopStrings,
     TextDecoder,
+    decode_events,
+    encode_prompt,
     generate_text,
     stream_text,
 )
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. 1234 5678 2024-05-17.",
-    "Crème brûlée, café, naïve façade — déjà vu! Größe, Straße.",
-    "日本語のテキストです。東京は大きい。 Emoji: 🙂🚀✨ and more text here.",
-    "yes no yes no maybe 42 - 17 = 25; 3.14159 and 2.71828",
-] * 20
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    """A tiny byte-level BPE tokenizer (same pipeline as lmforge's tokenizer trainer)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +115,7 @@ def test_generate_text_stops_at_the_tokenizers_eos(model, tokenizer):
     eos = tokenizer.token_to_id("<|eos|>")
     assert model.config.eos_token_id is None  # the model config names none: the tokenizer's is used
     params = SamplingParams(max_new_tokens=20, temperature=0)
-    prompt_len = len(tokenizer.encode("The quick").ids) + 1  # + bos
+    prompt_len = len(tokenizer.encode("The quick").ids)  # lmforge's tokenizer adds no bos
     free = generate_text(model, tokenizer, "The quick", params)
     out = generate_text(EosAfter(model, eos, prompt_len + 3), tokenizer, "The quick", params)
     assert out.finish_reason == "stop"
@@ -142,7 +123,8 @@ def test_generate_text_stops_at_the_tokenizers_eos(model, tokenizer):
     assert out.text == tokenizer.decode(free.token_ids[:4])  # the special token itself is not shown
 
 
-@pytest.mark.parametrize("pattern", [r"\d{3}-\d{2}", r"(yes|no)", r"[a-z]+ [0-9]{1,2}\."])
+# bounded patterns: a random model must be able to complete a match within max_new_tokens
+@pytest.mark.parametrize("pattern", [r"\d{3}-\d{2}", r"(yes|no)", r"[a-z]{1,8} [0-9]{1,2}\."])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_regex_constraint_output_matches(model, tokenizer, pattern, seed):
     import regex
@@ -158,3 +140,54 @@ def test_regex_constraint_output_matches(model, tokenizer, pattern, seed):
 def test_regex_constraint_rejects_a_bad_pattern(tokenizer):
     with pytest.raises(UserError, match="invalid --regex"):
         RegexConstraint("(unclosed", tokenizer, tokenizer.get_vocab_size())
+
+
+def _events(tokenizer, text: str, finish_reason: str | None = None, log: list | None = None):
+    """Token events spelling `text`, the last one carrying `finish_reason`; `log` records what was read."""
+    ids = tokenizer.encode(text).ids
+    try:
+        for n, token_id in enumerate(ids, 1):
+            if log is not None:
+                log.append(token_id)
+            yield TokenEvent("r", 0, token_id, finish_reason=finish_reason if n == len(ids) else None)
+    finally:
+        if log is not None:
+            log.append("closed")
+
+
+def test_decode_events_stops_at_a_stop_string_and_closes_the_stream(tokenizer):
+    log: list = []
+    decoder = TextDecoder(tokenizer, stop=["zy do"])
+    text = "".join(decode_events(_events(tokenizer, "The lazy dog jumps over it", log=log), decoder))
+    assert text == decoder.text == "The la" and decoder.finish_reason == "stop"
+    assert log[-1] == "closed" and len(log) - 1 < len(tokenizer.encode("The lazy dog jumps over it").ids)
+    assert decoder.token_ids == log[:-1]  # every token read, the one completing the stop string included
+
+
+@pytest.mark.parametrize("finish_reason", ["length", None])  # None: the stream just ends
+def test_decode_events_releases_the_held_back_tail_at_the_end(tokenizer, finish_reason):
+    decoder = TextDecoder(tokenizer, stop=["END"])
+    deltas = list(decode_events(_events(tokenizer, "almost EN", finish_reason), decoder))
+    assert "".join(deltas) == "almost EN" and deltas[-1].endswith("EN")  # "EN" waited for the end
+    assert decoder.finish_reason == "length"
+    assert decoder.feed(TokenEvent("r", 0, 5)) == "" and decoder.finish() == ""  # finished is final
+
+
+def test_prompts_are_encoded_as_the_model_tokenizer_encodes_them(tokenizer):
+    plain = tokenizer.encode("The quick", add_special_tokens=False).ids
+    # lmforge's tokenizer declares no bos: none is added, whatever the model config's bos_token_id
+    assert encode_prompt(tokenizer, "The quick", bos_token_id=0) == plain and plain[0] != 0
+    # a tokenizer whose post-processor adds bos (Llama 3 style) gets it exactly once
+    with_bos = Tokenizer.from_str(tokenizer.to_str())
+    with_bos.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", 0)]
+    )
+    assert encode_prompt(with_bos, "The quick", bos_token_id=0) == [0, *plain]
+    # a rendered chat template spells out its special tokens: nothing is added to them
+    chat = "<|bos|><|im_start|>user\nhi<|im_end|>\n"
+    chat_ids = encode_prompt(with_bos, chat, 0, add_special_tokens=False)
+    assert chat_ids[:2] == [0, 3] and chat_ids.count(0) == 1
+    # an empty prompt starts from the model's bos, and is refused when there is none
+    assert encode_prompt(tokenizer, "", bos_token_id=0) == [0]
+    with pytest.raises(UserError, match="empty"):
+        encode_prompt(tokenizer, "")

@@ -131,7 +131,7 @@ def test_slots_are_reused_and_memory_is_fixed(model):
         collect(iter(engine.step()), outputs)
         peak = max(peak, engine.num_running)
     assert peak == 2 and engine.cache.k is cache_k
-    for rid, out in outputs.items():
+    for out in outputs.values():
         assert out.token_ids == generate(model, out.prompt_ids, greedy(len(out.token_ids))).token_ids
 
 

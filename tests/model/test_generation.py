@@ -1,6 +1,7 @@
 """Token-level generation: parity with Hugging Face, KV cache vs recomputation, batching, sampling
 parameters and their validation, logprobs, scoring, streaming, allow-list constraints."""
 
+import itertools
 import math
 
 import pytest
@@ -196,7 +197,7 @@ def test_logprobs_of_chosen_and_top_alternatives(model):
         expected = full[len(prompt) - 1 + i]
         assert lp.logprob == pytest.approx(float(expected[lp.token_id]), abs=1e-4)
         assert [t for t, _ in lp.top] == expected.topk(3).indices.tolist()
-        assert all(a >= b for (_, a), (_, b) in zip(lp.top, lp.top[1:]))
+        assert all(a >= b for (_, a), (_, b) in itertools.pairwise(lp.top))
 
 
 def test_score_equals_the_models_log_likelihood(model):
@@ -213,7 +214,7 @@ def test_score_equals_the_models_log_likelihood(model):
     assert not other.is_greedy
     pairs = [(prompt, greedy[:5]), (PROMPTS[1], [3, 4, 5]), (PROMPTS[2], [9])]
     batched = score_batch(model, pairs, batch_size=2)
-    for (ctx, cont), got in zip(pairs, batched):
+    for (ctx, cont), got in zip(pairs, batched, strict=True):
         assert got.logprob == pytest.approx(score(model, ctx, cont).logprob, abs=1e-4)
     with pytest.raises(ValueError, match="pair 0"):
         score(model, prompt, [])

@@ -3,11 +3,11 @@
 Parity is checked against transformers' own implementation on random weights (fp32, 1e-4)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is a dev dependency used to verify interop"
@@ -17,6 +17,7 @@ from lmforge.components.hf_interop import export_hf, import_hf  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.model.checkpoint import ModelDirError, load_model_dir, save_model_dir  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.generation import SamplingParams  # noqa: E402
 from lmforge.model.hf_format import UnsupportedArchitecture  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 
@@ -27,20 +28,10 @@ def _hf_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
         return hf(ids).logits
 
 
-def _write_tokenizer(directory: Path, vocab_size: int = 300) -> None:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|eos|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|eos|>"})
-    )
+def _copy_tokenizer(tokenizer_dir: Path, directory: Path) -> None:
+    """Put the tiny test tokenizer's files into a model directory."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
@@ -60,7 +51,7 @@ def test_lmforge_model_loads_in_transformers_with_equal_logits(tmp_path, tie):
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_transformers_llama_checkpoint_imports_with_equal_logits(tmp_path, tie):
+def test_transformers_llama_checkpoint_imports_with_equal_logits(tmp_path, tokenizer_dir, tie):
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=512,
@@ -78,7 +69,7 @@ def test_transformers_llama_checkpoint_imports_with_equal_logits(tmp_path, tie):
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
-    _write_tokenizer(tmp_path / "hf")
+    _copy_tokenizer(tokenizer_dir, tmp_path / "hf")
     result = import_hf(tmp_path / "hf", tmp_path / "lmf")
     assert result.num_params == sum(p.numel() for p in hf.parameters())
     ours = load_model_dir(tmp_path / "lmf")
@@ -91,10 +82,10 @@ def test_transformers_llama_checkpoint_imports_with_equal_logits(tmp_path, tie):
     assert (tmp_path / "lmf" / "tokenizer.json").is_file()
 
 
-def test_export_writes_a_clean_hf_directory_with_dtype(tmp_path):
+def test_export_writes_a_clean_hf_directory_with_dtype(tmp_path, tokenizer_dir):
     torch.manual_seed(0)
     save_model_dir(Transformer(ModelConfig.from_name("tiny")), tmp_path / "m", extra_metadata={"run": "x"})
-    _write_tokenizer(tmp_path / "m")
+    _copy_tokenizer(tokenizer_dir, tmp_path / "m")
     result = export_hf(tmp_path / "m", tmp_path / "hf", dtype="bfloat16")
     assert result.dtype == "bfloat16"
     assert not (tmp_path / "hf" / "lmforge.json").exists()
@@ -158,12 +149,12 @@ def test_unsupported_architectures_name_the_field(tmp_path, change, field):
         import_hf(tmp_path / "m", tmp_path / "out", allow_missing_tokenizer=True)
 
 
-def test_import_needs_a_matching_fast_tokenizer(tmp_path):
+def test_import_needs_a_matching_fast_tokenizer(tmp_path, tokenizer_dir):
     torch.manual_seed(0)
     save_model_dir(Transformer(ModelConfig.from_name("tiny", vocab_size=280)), tmp_path / "m")
     with pytest.raises(UserError, match="no tokenizer.json"):
         import_hf(tmp_path / "m", tmp_path / "out")
-    _write_tokenizer(tmp_path / "m", vocab_size=300)
+    _copy_tokenizer(tokenizer_dir, tmp_path / "m")  # 400 ids
     with pytest.raises(UserError, match="does not belong to these weights"):
         import_hf(tmp_path / "m", tmp_path / "out")
 
@@ -175,3 +166,49 @@ def test_weights_not_matching_config_are_refused(tmp_path):
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "num_hidden_layers": 3}))
     with pytest.raises(ModelDirError, match="missing: \\['model.layers.2"):
         load_model_dir(tmp_path / "m")
+
+
+SMOLLM2_TOKENIZER = Path(__file__).resolve().parents[2] / "data" / "reference_tokenizers" / "smollm2"
+
+
+@pytest.mark.parametrize("prompt", ["The quick brown fox", "def add(a, b):\n    return"])
+def test_imported_model_generates_what_transformers_generates(tmp_path, prompt):
+    """A Hugging Face model whose tokenizer adds no bos (SmolLM2's has no bos post-processor) is
+    prompted with exactly transformers' ids, so greedy decoding gives the same tokens (regression:
+    lmforge used to prepend the config's bos_token_id to every prompt)."""
+    from lmforge.serving.textgen import generate_from_dir
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=49152,  # SmolLM2's vocabulary
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        initializer_range=0.2,  # peaked random logits: greedy choices are far from ties
+        tie_word_embeddings=True,
+        bos_token_id=1,  # <|im_start|>, as in SmolLM2's config.json
+        eos_token_id=2,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SMOLLM2_TOKENIZER / name, tmp_path / "hf" / name)
+    import_hf(tmp_path / "hf", tmp_path / "lmf")
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt_ids = hf_tok(prompt, return_tensors="pt")["input_ids"]
+    assert prompt_ids[0, 0].item() != hf_cfg.bos_token_id  # the tokenizer adds no bos
+    with torch.no_grad():
+        expected = hf.generate(
+            prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            do_sample=False,
+            max_new_tokens=24,
+            pad_token_id=hf_cfg.eos_token_id,
+        )[0, prompt_ids.shape[1] :].tolist()
+
+    ours = generate_from_dir(tmp_path / "lmf", prompt, SamplingParams(max_new_tokens=24, temperature=0.0))
+    assert ours.prompt_tokens == prompt_ids.shape[1]
+    assert ours.token_ids == expected

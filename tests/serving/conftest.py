@@ -1,5 +1,5 @@
-"""Fixtures for the serving tests: a tiny random-weights model with a tiny byte-level BPE tokenizer
-(trained here, in a second), saved as a model directory like any other lmforge model."""
+"""Fixtures for the serving tests: a tiny random-weights model with the tiny test tokenizer
+(`tokenizer_dir`, tests/conftest.py), saved as a model directory like any other lmforge model."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Serving language models over HTTP with continuous batching.",
-    "Héllo wörld: naïve café, déjà vu, and emoji 🙂 in UTF-8.",
-    "def add(a, b):\n    return a + b\n",
-    "Private domain-specific models for support tickets and manuals.",
-] * 20
 
 
 def make_model_dir(
@@ -42,17 +34,6 @@ def make_model_dir(
     )
     model = Transformer(cfg).eval()
     return save_model_dir(model, root / name, tokenizer_dir=tokenizer_dir)
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from lmforge.components.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("serving-tokenizer")
-    train_tokenizer(
-        iter(TEXTS), out, vocab_size=400, min_frequency=2, holdout_fraction=0.0, reference_tokenizers=[]
-    )
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -184,7 +184,7 @@ def test_concurrent_requests_all_succeed_and_match_in_process_generation(served,
             )
 
     results = asyncio.run(run())
-    for (prompt, n), result in zip(prompts, results):
+    for (prompt, n), result in zip(prompts, results, strict=True):
         expected = reference(prompt, n)
         assert result.choices[0].text == expected.text, prompt
         assert result.choices[0].finish_reason == expected.finish_reason
