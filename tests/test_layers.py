@@ -22,6 +22,13 @@ FORBIDDEN = {
     "pipelines": ["lmforge.cli"],
 }
 
+# narrow exceptions: module -> why it may be imported across the rule above
+ALLOWED = {
+    # the text edge of model/ generation (encode, detokenize, stop strings): torch + tokenizers only, no
+    # Ray or HTTP; the evaluate stage generates text with it, exactly as `lmforge generate` and serving do
+    "lmforge.serving.textgen": ["components"],
+}
+
 
 def _imports(path: Path) -> set[str]:
     found = set()
@@ -43,7 +50,12 @@ def _sources(folder: str) -> list[Path]:
 def test_imports_point_inward(folder):
     offenders = {}
     for path in _sources(folder):
-        bad = sorted(m for m in _imports(path) for f in FORBIDDEN[folder] if m == f or m.startswith(f + "."))
+        bad = sorted(
+            m
+            for m in _imports(path)
+            for f in FORBIDDEN[folder]
+            if (m == f or m.startswith(f + ".")) and folder not in ALLOWED.get(m, [])
+        )
         if bad:
             offenders[str(path.relative_to(REPO))] = bad
     assert not offenders, f"{folder}/ imports a layer above it: {offenders}"

@@ -17,6 +17,12 @@ def add_config_args(
     `example` is one override shown in the help, e.g. `optim.lr=1e-4`.
     """
     parser.add_argument("--config", required=required, metavar="FILE", help=config_help)
+    add_set_arg(parser, example=example)
+
+
+def add_set_arg(parser: argparse.ArgumentParser, *, example: str) -> None:
+    """Add only the repeatable `--set KEY=VALUE` override (`args.overrides`), for a verb whose config
+    file has its own flag (`lmforge evaluate --suite FILE`)."""
     parser.add_argument(
         "--set",
         dest="overrides",

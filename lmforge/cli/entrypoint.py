@@ -25,15 +25,16 @@ COMMAND_MODULES = [
     "lmforge.cli.curate",
     "lmforge.cli.tokenize",
     "lmforge.cli.serve",
+    "lmforge.cli.evaluate",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
-        description="Curate data, train a tokenizer and a language model, register and serve it: private "
-        "domain-specific language models on your own machines. Coming, with no command yet: fine-tuning, "
-        "quantization, evaluation.",
+        description="Curate data, train a tokenizer and a language model, evaluate, register and serve it: "
+        "private domain-specific language models on your own machines. Coming, with no command yet: "
+        "fine-tuning, quantization.",
     )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
