@@ -1,7 +1,8 @@
 """The evaluate stage: a model (and optionally a baseline) over a task suite -> report, MLflow run, gate.
 
-    result = evaluate("out/model", "configs/eval-demo.yaml", "out/eval", gate="configs/gate-demo.yaml")
-    result.gate_passed  # None without a gate
+    result = evaluate("out/model", "configs/eval-demo.yaml", "out/eval",
+                      baseline="models:/lmforge-demo@champion", gate="configs/gate-demo.yaml")
+    result.gate_passed  # None without a gate (the demo gate's max_regression rules need the baseline)
 
 Order of work, so that bad input costs nothing: the suite (every item) and the gate are checked, the
 device and the model directories (config.json, tokenizer) are checked, then the training split is
