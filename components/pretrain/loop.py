@@ -26,11 +26,9 @@ from lmforge.components.pretrain import checkpointing, strategies
 from lmforge.components.pretrain.config import PretrainConfig
 from lmforge.components.pretrain.env import RunEnv
 from lmforge.components.pretrain.optim import build_scheduler
+from lmforge.components.pretrain.task import PRETRAIN, BatchSource, TrainTask
 from lmforge.components.pretrain.tracking import ConsoleProgress, Tracker
-from lmforge.components.token_dataset import PackedTokenDataset
-from lmforge.model.checkpoint import load_model_dir
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import Transformer
 
 # Peak dense bf16 FLOP/s per device (../shared/docs/anchors.md), matched against the CUDA device name.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -59,35 +57,19 @@ def train(
     *,
     info: dict[str, Any] | None = None,
     on_step: OnStep | None = None,
+    task: TrainTask | None = None,
 ) -> LoopResult:
-    """Train `model_cfg` on `cfg.data` until `cfg.schedule.max_steps` (or a stop request)."""
-    # ---- data: this rank's share of the packed training stream, and of the validation split
-    train_data = PackedTokenDataset(
-        cfg.data.shards_dir,
-        "train",
-        cfg.data.seq_len,
-        seed=cfg.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        shuffle=cfg.data.shuffle,
-    )
-    val_data = None
-    if cfg.eval.every:
-        val_data = PackedTokenDataset(
-            cfg.data.shards_dir,
-            cfg.eval.split,
-            cfg.data.seq_len,
-            rank=env.rank,
-            world_size=env.world_size,
-            shuffle=False,
-        )
+    """Train `model_cfg` on `cfg.data` until `cfg.schedule.max_steps` (or a stop request).
+
+    `task` (task.py) says what is trained: model, data and loss; pretraining when None."""
+    task = task or PRETRAIN
+    # ---- data: this rank's share of the training stream, and of the validation split
+    train_data = task.train_data(cfg, env)
+    val_data = task.val_data(cfg, env) if cfg.eval.every else None
 
     # ---- model: identical initial weights on every rank (same seed, built on CPU)
     torch.manual_seed(cfg.seed)
-    if cfg.model.init_from:
-        model = load_model_dir(cfg.model.init_from, device="cpu", dtype=torch.float32).train()
-    else:
-        model = Transformer(model_cfg)
+    model = task.build_model(cfg, model_cfg)
 
     # ---- strategy (DDP / FSDP / DeepSpeed + activation checkpointing + compile), AdamW, schedule
     if cfg.strategy.name != "ddp":
@@ -124,13 +106,12 @@ def train(
     while step < max_steps:
         # one optimizer step: this rank's share of the global batch, in micro-batches
         for i in range(accum):
-            inputs, targets = train_data.next_batch(micro)  # (micro, T) int64 each
-            inputs = inputs.to(env.device, non_blocking=True)
-            targets = targets.to(env.device, non_blocking=True)
+            # (inputs, targets, ...): (micro, T) each
+            batch = tuple(t.to(env.device, non_blocking=True) for t in train_data.next_batch(micro))
             with strategy.accumulate(sync=i == accum - 1):  # all-reduce gradients on the last one only
                 with strategy.autocast():
-                    # the model returns the loss through its fused head + cross-entropy (no logits tensor)
-                    loss = strategy.model(inputs, targets=targets)
+                    # pretraining: the model's fused head + cross-entropy (no logits tensor)
+                    loss = task.loss(strategy.model, batch)
                 strategy.backward(loss / accum)
             loss_sum += loss.detach() / accum
         grad_norm = strategy.step()
@@ -169,7 +150,7 @@ def train(
         # evaluate: validation loss and perplexity
         if val_data is not None and (step % cfg.eval.every == 0 or step == max_steps):
             t = time.perf_counter()
-            record.update(evaluate(strategy, val_data, cfg.eval.batches, micro, env))
+            record.update(evaluate(strategy, val_data, cfg.eval.batches, micro, env, task))
             paused += time.perf_counter() - t
 
         if record and env.rank == 0:
@@ -225,10 +206,11 @@ def train(
 @torch.no_grad()
 def evaluate(
     strategy: strategies.TrainingStrategy,
-    data: PackedTokenDataset,
+    data: BatchSource,
     max_batches: int,
     batch_size: int,
     env: RunEnv,
+    task: TrainTask = PRETRAIN,
 ) -> dict[str, float]:
     """Mean next-token loss over (up to) `max_batches` batches of every rank's validation share.
 
@@ -236,11 +218,11 @@ def evaluate(
     by its number of scored targets makes the result the mean over all of them, whatever the batches."""
     strategy.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of token losses, tokens)
-    for inputs, targets in data.iter_eval_batches(batch_size, max_batches=max_batches):
-        inputs, targets = inputs.to(env.device), targets.to(env.device)
-        scored = (targets != IGNORE_INDEX).sum().double()
+    for cpu_batch in data.iter_eval_batches(batch_size, max_batches=max_batches):
+        batch = tuple(t.to(env.device) for t in cpu_batch)
+        scored = (batch[1] != IGNORE_INDEX).sum().double()
         with strategy.autocast():
-            batch_mean = strategy.model(inputs, targets=targets).double()
+            batch_mean = task.loss(strategy.model, batch).double()
         # mean -> sum; a batch with nothing scored (0/0 = nan) adds nothing. No skipping it on the host:
         # that would sync every batch, and sharded strategies need every rank in every forward pass.
         total += torch.stack([torch.where(scored > 0, batch_mean * scored, 0.0), scored])

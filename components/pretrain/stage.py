@@ -25,6 +25,7 @@ from lmforge.components.pretrain import checkpointing
 from lmforge.components.pretrain.config import PretrainConfig, describe
 from lmforge.components.pretrain.env import RunEnv
 from lmforge.components.pretrain.loop import OnStep, train
+from lmforge.components.pretrain.task import TrainTask
 from lmforge.components.pretrain.tracking import MlflowTracker, Tracker, flatten, plot_loss_curve
 from lmforge.components.token_dataset import PackedTokenDataset, read_index
 from lmforge.config import to_dict
@@ -45,13 +46,19 @@ class PretrainResult:
 
 
 def pretrain(
-    cfg: PretrainConfig, *, resume: str | None = None, on_step: OnStep | None = None, verbose: bool = True
+    cfg: PretrainConfig,
+    *,
+    resume: str | None = None,
+    on_step: OnStep | None = None,
+    verbose: bool = True,
+    task: TrainTask | None = None,
 ) -> PretrainResult:
     """Train a model as configured. `resume`: None (fresh; refuses an output_dir that holds
     checkpoints), "auto" (continue from the newest checkpoint there, if any) or a checkpoint path.
     `on_step(step, rank)` is called on every worker after each optimizer step (tests use it to
     inject failures). On Ray, Ray's and the workers' logs go to <output_dir>/logs/; `verbose`
-    prints them on the console as well (otherwise only the `[pretrain]` lines appear)."""
+    prints them on the console as well (otherwise only the `[pretrain]` lines appear). `task` (task.py):
+    what is trained (distillation, pruning recovery); pretraining when None."""
     cfg = absolute_paths(cfg)
     model_cfg, tokenizer_dir = preflight(cfg)
     start = checkpointing.resolve_resume(resume, cfg.checkpoints_dir())
@@ -103,7 +110,7 @@ def pretrain(
         if cfg.local:
             env = RunEnv(cfg.checkpoints_dir(), cfg.checkpoint.keep_last, start, use_gpu=cfg.ray.use_gpu)
             with env.stop_on_signals():
-                result = train(cfg, model_cfg, env, tracker, info=info, on_step=on_step)
+                result = train(cfg, model_cfg, env, tracker, info=info, on_step=on_step, task=task)
             checkpoint = Path(result.checkpoint) if result.checkpoint else None
             metrics, preempted, step, history = result.metrics, result.preempted, result.step, result.history
         else:
@@ -117,6 +124,7 @@ def pretrain(
                 on_step=on_step,
                 tracking={"uri": tracker.tracking_uri, "run_id": tracker.run_id},
                 verbose=verbose,
+                task=task,
             )
             metrics = {k: float(v) for k, v in reported.items() if "/" in k}
             preempted, step = bool(reported.get("preempted")), int(reported.get("step", 0))

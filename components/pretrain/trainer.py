@@ -43,6 +43,7 @@ from lmforge.components.pretrain import checkpointing
 from lmforge.components.pretrain.config import PretrainConfig
 from lmforge.components.pretrain.env import RunEnv, graceful_stop
 from lmforge.components.pretrain.loop import OnStep, train
+from lmforge.components.pretrain.task import TrainTask
 from lmforge.components.pretrain.tracking import open_tracker
 from lmforge.model.config import ModelConfig
 from lmforge.ray_logs import RayLogs, default_log_file
@@ -129,7 +130,15 @@ def _worker(config: dict[str, Any]) -> None:
     env = RayEnv(cfg, config["resume_from"], config["stop_flag"])
     tracking = config["tracking"]
     tracker = open_tracker(env.rank == 0 and cfg.tracking.enabled, tracking["uri"], tracking["run_id"])
-    train(cfg, config["model_cfg"], env, tracker, info=config["info"], on_step=config["on_step"])
+    train(
+        cfg,
+        config["model_cfg"],
+        env,
+        tracker,
+        info=config["info"],
+        on_step=config["on_step"],
+        task=config.get("task"),
+    )
 
 
 def _fit(trainer: TorchTrainer, stop_flag: Any) -> ray.train.Result:
@@ -188,6 +197,7 @@ def run_on_ray(
     tracking: dict[str, str | None],
     on_step: OnStep | None = None,
     verbose: bool = True,
+    task: TrainTask | None = None,
 ) -> tuple[Path | None, dict[str, Any]]:
     """Train on Ray; returns (newest checkpoint path, rank 0's last reported metrics).
 
@@ -200,7 +210,7 @@ def run_on_ray(
         note = "" if verbose else " (--verbose also prints them here)"
         print(f"{CONSOLE_PREFIX}Ray's and the workers' logs: {log_file}{note}", flush=True)
     with logs or contextlib.nullcontext():
-        return _run_on_ray(cfg, model_cfg, resume_from, info, tracking, on_step, logs)
+        return _run_on_ray(cfg, model_cfg, resume_from, info, tracking, on_step, logs, task)
 
 
 def _run_on_ray(
@@ -211,6 +221,7 @@ def _run_on_ray(
     tracking: dict[str, str | None],
     on_step: OnStep | None,
     logs: RayLogs | None,
+    task: TrainTask | None = None,
 ) -> tuple[Path | None, dict[str, Any]]:
     started = _ensure_ray(cfg, logs)
     try:
@@ -230,6 +241,7 @@ def _run_on_ray(
                 "tracking": tracking,
                 "stop_flag": stop_flag,
                 "on_step": on_step,
+                "task": task,
                 "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
             },
             scaling_config=ScalingConfig(
