@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from lmforge.model.config import ConfigError, ModelConfig
 from lmforge.model.hf_format import from_hf_config, to_hf_config
+from lmforge.model.quantized import build_quantized_model, quantization_scheme
 from lmforge.model.transformer import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -75,7 +76,11 @@ def save_model_dir(
         dtype = next(iter(state.values())).dtype
         tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype_name(dtype)), indent=2) + "\n")
+        hf_config = to_hf_config(cfg, dtype_name(dtype))
+        quantization_config = getattr(model, "quantization_config", None)  # set on quantized models
+        if quantization_config is not None:
+            hf_config["quantization_config"] = quantization_config
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {
             "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id,
@@ -194,9 +199,18 @@ def load_model_dir(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Transformer:
-    """Build the model on the meta device and assign the stored tensors (no double allocation)."""
+    """Build the model on the meta device and assign the stored tensors (no double allocation).
+
+    A directory whose config.json declares a compressed-tensors `quantization_config` loads with
+    its quantized Linear layers as `model.quantized.QuantizedLinear` (see that module)."""
     cfg = read_config(model_dir)
     state = load_state_dict(model_dir, device)
+    qc = quantization_scheme(model_dir)
+    if qc is not None:
+        try:
+            return build_quantized_model(cfg, state, qc, device, dtype)
+        except ConfigError as err:
+            raise ModelDirError(f"{model_dir}: {err}") from None
     if cfg.tie_embeddings:
         head = state.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, state.get("model.embed_tokens.weight", head)):
