@@ -170,15 +170,20 @@ class APIService:
             )
         return principal
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_id:
+    def check_model(self, model: str) -> str | None:
+        """The adapter a request's `model` selects: None for the base (`BASE`), NAME for `BASE:NAME`;
+        any other id is a 404 naming the ones served."""
+        ids = self.cfg.adapter_ids
+        if model not in ids:
+            available = ", ".join(repr(i) for i in ids)
             raise APIError(
                 404,
-                f"model {model!r} is not served here; available: {self.model_id!r} (GET /v1/models)",
+                f"model {model!r} is not served here; available: {available} (GET /v1/models)",
                 "invalid_request_error",
                 "model",
                 "model_not_found",
             )
+        return ids[model]
 
     # ---- opening replica streams ----
     async def _open(self, backend: Backend, request: GenerationRequest):
@@ -265,7 +270,7 @@ class APIService:
 
     # ---- /v1/completions and /v1/chat/completions ----
     async def completions(self, body: CompletionRequest) -> Response:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         body.check_unsupported()
         stops = body.stop_list()
         max_tokens = body.max_tokens if body.max_tokens is not None else self.cfg.default_max_tokens
@@ -278,6 +283,7 @@ class APIService:
                 stop=stops,
                 logprobs=body.logprobs,
                 echo=body.echo,
+                adapter=adapter,
             )
             for p in body.prompts()
         ]
@@ -285,7 +291,7 @@ class APIService:
         return await self.answer(body, requests, fmt)
 
     async def chat(self, body: ChatCompletionRequest) -> Response:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         body.check_unsupported()
         messages = [
             {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
@@ -298,6 +304,7 @@ class APIService:
             sampling=body.sampling(),
             stop=body.stop_list(),
             logprobs=body.engine_logprobs(),
+            adapter=adapter,
         )
         return await self.answer(body, [request], openai_format.ChatFormat(logprobs=body.logprobs))
 
@@ -310,10 +317,11 @@ class APIService:
         """Run the requests on one variant and answer with the whole response or, with
         `stream`, with server-sent events as the tokens come (both endpoints)."""
         start = time.perf_counter()
-        variant = self.choose_variant(body.user)
+        # an adapter is served on top of version A only: no A/B split for adapter requests
+        variant = self.choose_variant(body.user) if requests[0].adapter is None else "a"
         opened = await self.open_all(variant, requests)
         reply = openai_format.Reply(
-            requests[0].request_id, self.model_id, body.n, [first for _, first in opened]
+            requests[0].request_id, body.model, body.n, [first for _, first in opened]
         )
         headers = _model_headers(variant, opened)
         events = self.merged(opened, variant, start)
@@ -324,10 +332,13 @@ class APIService:
 
     # ---- other endpoints ----
     def models(self) -> ModelList:
-        return ModelList(data=[self.model_card()])
+        return ModelList(data=[self.model_card(model_id) for model_id in self.cfg.adapter_ids])
 
-    def model_card(self) -> ModelCard:
-        return ModelCard(id=self.model_id, created=self.created, owned_by="lmforge")
+    def model_card(self, model_id: str | None = None) -> ModelCard:
+        """The base model's card, or an adapter's (`BASE:NAME`, with `parent` the base's id)."""
+        model_id = model_id or self.model_id
+        parent = self.model_id if self.cfg.adapter_ids.get(model_id) else None
+        return ModelCard(id=model_id, created=self.created, owned_by="lmforge", parent=parent)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         async def one(variant: str, backend: Backend):
@@ -555,7 +566,7 @@ ERROR_DESCRIPTIONS = {
     "prompt longer than the context",
     401: "Missing or invalid API key",
     403: "The endpoint needs an admin API key",
-    404: "Unknown model id",
+    404: "Unknown model id (nor BASE:ADAPTER of a served adapter)",
     413: "Body over `max_body_bytes`",
     429: "The key's rate limit is reached (Retry-After says when to retry)",
     503: "The model service is overloaded or restarting (Retry-After says when to retry)",
@@ -683,7 +694,7 @@ def create_app(service: APIService) -> FastAPI:
     )
     async def get_model(model_id: str, _: APIKey) -> ModelCard:
         service.check_model(model_id)
-        return service.model_card()
+        return service.model_card(model_id)
 
     @app.get("/health", tags=["operations"], response_model=Health)
     async def health() -> Health:

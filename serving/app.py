@@ -13,6 +13,11 @@ Entry points:
   `import_path: lmforge.serving.app:app_builder` with the ServeConfig fields as `args`
   (`serve_config(cfg)` writes that YAML).
 
+LoRA adapters (serving/adapters.py): a request for "BASE:NAME" carries NAME as Serve's
+`multiplexed_model_id`, so Serve routes it to a replica that has the adapter loaded; in the replica
+the adapter loader is wrapped by `serve.multiplexed`, whose per-replica LRU keeps at most
+`max_adapters_per_replica` adapters loaded (each merged into a copy of the base, with its own engine).
+
 A client that disconnects closes the router's stream to the replica; `RayBackend.generate` then
 cancels the replica call, whose generator cancels the engine request and frees its slots.
 """
@@ -62,7 +67,18 @@ class ModelDeployment:
 
         _configure_logging()
         replica = serve.get_replica_context().replica_tag
-        self.server = ModelServer(build_serve_config(cfg), variant, replica=replica)
+        config = build_serve_config(cfg)
+        source = None
+        if config.adapters and variant == "a":
+            # Serve's multiplexing: a per-replica LRU of loaded adapters (evicted ones get __del__), and
+            # the loaded adapter ids reported to the routers so requests go where theirs is loaded
+            async def load_adapter(name: str):
+                return await asyncio.to_thread(self.server.load_adapter, name)
+
+            source = serve.multiplexed(max_num_models_per_replica=config.max_adapters_per_replica)(
+                load_adapter
+            )
+        self.server = ModelServer(config, variant, replica=replica, adapter_source=source)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
         async for event in self.server.generate(request):
@@ -93,7 +109,10 @@ class RayBackend:
         self.handle = handle
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
-        response = self.handle.options(stream=True).generate.remote(request)
+        options: dict[str, Any] = {"stream": True}
+        if request.adapter is not None:  # routed to a replica that has this adapter loaded, if any
+            options["multiplexed_model_id"] = request.adapter
+        response = self.handle.options(**options).generate.remote(request)
         finished = False
         try:
             async for event in response:
@@ -260,7 +279,28 @@ def check_models(cfg: ServeConfig, *, local: bool | None = None) -> list[str]:
         except USER_ERRORS as err:
             raise UserError(f"{primary_error}; and its fallback {fallback}: {err}") from None
         warnings.append(f"{primary_error}; serving its fallback {fallback} until it can be loaded")
+    if cfg.adapters and local:
+        check_adapters(cfg)
     return warnings
+
+
+def check_adapters(cfg: ServeConfig) -> None:
+    """Each adapter directory is a PEFT LoRA adapter for the served model (serving/adapters.py). The
+    shapes are checked against a model directory; a registry model is checked by name here and by
+    shape in the replicas, once downloaded."""
+    from lmforge.serving.adapters import check_adapter, model_identities
+
+    base_dir = None if is_registry_uri(cfg.model) else cfg.model
+    names = model_identities(cfg.model, base_dir, cfg.served_model_name) | {cfg.model_id}
+    for name, path in cfg.adapters.items():
+        check_adapter(
+            name,
+            path,
+            base_dir=base_dir,
+            base_names=names,
+            base_label=cfg.model_id,
+            check_base=cfg.check_adapter_base,
+        )
 
 
 def run_server(

@@ -14,12 +14,15 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge import config as config_io
 from lmforge.model.config import ConfigError
 from lmforge.registry import RegistryError, is_registry_uri, parse_model_uri
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a LoRA adapter's name (BASE:NAME)
 
 
 def _fail(name: str, rule: str, value: Any) -> None:
@@ -132,6 +135,11 @@ class ServeConfig:
     model_cache_dir: str | None = (
         None  # where registry versions are downloaded (default: ~/.cache/lmforge/models)
     )
+    # LoRA adapters served on top of `model` (serving/adapters.py): NAME -> adapter directory;
+    # a request selects one with "model": "BASE:NAME"
+    adapters: dict[str, str] = field(default_factory=dict)
+    max_adapters_per_replica: int = 2  # loaded (merged) adapters per replica, LRU (Serve multiplexing)
+    check_adapter_base: bool = True  # refuse an adapter whose recorded base names another model
 
     # ---- HTTP
     host: str = "127.0.0.1"
@@ -209,6 +217,17 @@ class ServeConfig:
             _fail("router_num_cpus", "must be a number >= 0", self.router_num_cpus)
         if self.num_gpus is not None and (not isinstance(self.num_gpus, (int, float)) or self.num_gpus < 0):
             _fail("num_gpus", "must be None (auto) or a number >= 0", self.num_gpus)
+        for name, path in self.adapters.items():
+            if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+                _fail(
+                    "adapters",
+                    "names must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)",
+                    name,
+                )
+            if not isinstance(path, str) or not path.strip():
+                _fail(f"adapters.{name}", "must be an adapter directory", path)
+        if not _is_int(self.max_adapters_per_replica) or self.max_adapters_per_replica < 1:
+            _fail("max_adapters_per_replica", "must be an integer >= 1", self.max_adapters_per_replica)
 
     # ---- derived values
     @property
@@ -227,6 +246,11 @@ class ServeConfig:
         if is_registry_uri(self.model):
             return parse_model_uri(self.model).name
         return os.path.basename(os.path.normpath(self.model))
+
+    @property
+    def adapter_ids(self) -> dict[str, str | None]:
+        """Every id a request may send as "model" -> its adapter name (None: the base model)."""
+        return {self.model_id: None} | {f"{self.model_id}:{name}": name for name in self.adapters}
 
     @property
     def variants(self) -> dict[str, str]:
@@ -252,5 +276,11 @@ def load_serve_config(
     Explicit values that are None are ignored, so unset CLI flags keep the file's or the default value."""
     data = config_io.read_yaml(path) if path is not None else {}
     data = config_io.apply_overrides(data, overrides)
+    adapters = values.pop("adapters", None)
+    if adapters:  # --adapter NAME=DIR adds to (or replaces by name) the config file's adapters
+        current = data.get("adapters") or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"adapters must be a mapping NAME: DIR, got {current!r}")
+        data["adapters"] = {**current, **adapters}
     data.update({k: v for k, v in values.items() if v is not None})
     return build_serve_config(data)

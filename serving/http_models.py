@@ -319,10 +319,11 @@ class ChatCompletionChunk(_ObjectFields):
 
 # ---- responses: /v1/models ----------------------------------------------------------------------
 class ModelCard(BaseModel):
-    id: str
+    id: str = Field(description='What a request sends as "model": BASE, or BASE:ADAPTER for a LoRA adapter')
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    parent: str | None = Field(None, description="For a LoRA adapter: the id of the base model it runs on")
 
 
 class ModelList(BaseModel):

@@ -9,13 +9,19 @@ that runner's engine stops only when its last request has finished. Nothing in f
 
 Model sources, in order: the variant's `model`; when it cannot be loaded, `fallback_model` (and
 the replica keeps trying the primary at each poll, so a fixed registry entry brings it back).
+
+LoRA adapters (variant "a" only; serving/adapters.py): a request with `adapter` set runs on that
+adapter's own merged model and engine, which `adapter_source` provides (Serve's multiplexing LRU in
+a Ray replica, a `LocalAdapterCache` in-process); the adapters are checked against the base at start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,9 +29,17 @@ from typing import Any
 from lmforge.errors import InputNotFoundError, UserError
 from lmforge.model.checkpoint import read_config, weight_files
 from lmforge.registry import RegistryClient, ResolvedVersion, is_registry_uri, parse_model_uri
+from lmforge.serving.adapters import (
+    AdapterSource,
+    LoadedAdapter,
+    LocalAdapterCache,
+    check_adapter,
+    merge_adapter,
+    model_identities,
+)
 from lmforge.serving.config import ServeConfig
 from lmforge.serving.protocol import APIError, GenerationRequest
-from lmforge.serving.runner import ModelRunner
+from lmforge.serving.runner import ModelRunner, pick_device, pick_dtype
 
 log = logging.getLogger("lmforge.serving")
 
@@ -58,9 +72,21 @@ def check_source(source: str, registry: Callable[[], RegistryClient]) -> str:
     return path.resolve().name
 
 
+def _unknown_adapter(name: str) -> APIError:
+    return APIError(
+        404, f"adapter {name!r} is not served here", "invalid_request_error", "model", "model_not_found"
+    )
+
+
 class ModelServer:
     def __init__(
-        self, cfg: ServeConfig, variant: str = "a", *, replica: str = "local", poll: bool = True
+        self,
+        cfg: ServeConfig,
+        variant: str = "a",
+        *,
+        replica: str = "local",
+        poll: bool = True,
+        adapter_source: AdapterSource | None = None,
     ) -> None:
         self.cfg, self.variant, self.replica = cfg, variant, replica
         self.source = cfg.variants[variant]
@@ -75,6 +101,13 @@ class ModelServer:
         self._draining: list[ModelRunner] = []  # swapped-out versions still finishing requests
         self.last_error: str | None = None
         self._load_initial()
+        self.adapters = dict(cfg.adapters) if variant == "a" else {}  # name -> adapter directory
+        self._loaded_adapters: weakref.WeakSet[LoadedAdapter] = weakref.WeakSet()
+        if self.adapters:
+            self._check_adapters()
+        self._adapter_source = (
+            adapter_source or LocalAdapterCache(self.load_adapter, cfg.max_adapters_per_replica).get
+        )
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         if poll and cfg.registry_poll_s > 0 and (is_registry_uri(self.source) or self.serving_fallback):
@@ -133,6 +166,80 @@ class ModelServer:
         self.serving_fallback = True
         self.last_error = primary_error
 
+    # ---- LoRA adapters ------------------------------------------------------------------------
+    def _check_adapters(self) -> None:
+        """Each adapter fits the base this replica serves (on its fallback: checked when it is used)."""
+        if self.serving_fallback:
+            log.warning("variant a serves its fallback: adapters are checked when a request uses them")
+            return
+        info = self.current.info
+        for name, path in self.adapters.items():
+            check_adapter(
+                name,
+                path,
+                base_dir=info.model_dir,
+                base_names=self._base_names(),
+                base_label=info.label,
+                check_base=self.cfg.check_adapter_base,
+            )
+        log.info("variant a: adapters %s checked against %s", sorted(self.adapters), info.label)
+
+    def _base_names(self) -> set[str]:
+        names = model_identities(self.source, self.current.info.model_dir, self.cfg.served_model_name)
+        return names | {self.cfg.model_id, self.current.info.label}
+
+    def _adapter_runner(self, name: str, base: ModelRunner) -> ModelRunner:
+        """Adapter `name` merged into `base`'s weights, with its own engine."""
+        path = self.adapters[name]
+        check_adapter(  # again: the base may have been swapped since the start
+            name,
+            path,
+            base_dir=base.info.model_dir,
+            base_names=self._base_names(),
+            base_label=base.info.label,
+            check_base=self.cfg.check_adapter_base,
+        )
+        device = pick_device(self.cfg.engine.device)
+        model = merge_adapter(base.info.model_dir, path, device, pick_dtype(self.cfg.engine.dtype, device))
+        runner = ModelRunner.load(
+            base.info.model_dir,
+            self.cfg.engine,
+            label=f"{base.info.label}:{name}",
+            source=path,
+            replica=self.replica,
+            model=model,
+        )
+        log.info("adapter %s: merged into %s, engine started", name, base.info.label)
+        return runner
+
+    def load_adapter(self, name: str) -> LoadedAdapter:
+        """Load adapter `name` (merge + engine) for the current base: what Serve's multiplexed loader runs."""
+        if name not in self.adapters:
+            raise _unknown_adapter(name)
+        loaded = LoadedAdapter(name, lambda base: self._adapter_runner(name, base))
+        base = self.current
+        loaded.acquire(base).release()  # build it now, so the cost is the load's, not the first request's
+        self._loaded_adapters.add(loaded)
+        return loaded
+
+    def _adapter_runners(self) -> list[ModelRunner]:
+        return [a.runner for a in list(self._loaded_adapters) if not a.closed and a.runner is not None]
+
+    async def _acquire_adapter(self, name: str) -> ModelRunner:
+        if name not in self.adapters:
+            raise _unknown_adapter(name)
+        try:
+            loaded = await self._adapter_source(name)
+            return await asyncio.to_thread(loaded.acquire, self.current)
+        except UserError as err:  # it no longer fits the base (a swap to another architecture)
+            raise APIError(
+                503,
+                f"adapter {name} cannot be used now: {err}",
+                "overloaded_error",
+                None,
+                "adapter_unavailable",
+            ) from err
+
     def reload(self, force: bool = False) -> dict[str, Any]:
         """Check the source now and swap in a new version if there is one (or if `force`).
         A registry alias is re-resolved; a directory is reloaded only when forced."""
@@ -187,6 +294,8 @@ class ModelServer:
     def close(self) -> None:
         self._stop.set()
         self.current.retire()
+        for loaded in list(self._loaded_adapters):
+            loaded.close()
 
     # ---- requests -----------------------------------------------------------------------------
     def _acquire(self) -> ModelRunner:
@@ -201,20 +310,31 @@ class ModelServer:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
         try:
-            runner = self._acquire()
+            runner = (
+                self._acquire() if request.adapter is None else await self._acquire_adapter(request.adapter)
+            )
         except APIError as err:
             yield err.event()
             return
         try:
             async for event in runner.generate(request):
                 if "stats" in event:
-                    event["stats"]["aborted"] += self._aborted_before
+                    if self.adapters:  # several engines: report the replica's total
+                        event["stats"] = self.stats()
+                    else:
+                        event["stats"]["aborted"] += self._aborted_before
                 yield event
         finally:
             runner.release()
 
     def stats(self) -> dict[str, Any]:
+        """The replica's engines together (the base's, plus one per loaded adapter)."""
         stats = self.current.stats()
+        for runner in self._adapter_runners():
+            extra = runner.stats()
+            for key in ("queue_depth", "running", "num_slots", "aborted"):
+                stats[key] += extra[key]
+        stats["kv_cache_usage"] = stats["running"] / stats["num_slots"]
         return stats | {
             "variant": self.variant,
             "reloads": self.reloads,
@@ -237,6 +357,7 @@ class ModelServer:
             "reloads": self.reloads,
             "last_error": self.last_error,
             "replica": self.replica,
+            "adapters_loaded": sorted(a.name for a in list(self._loaded_adapters) if not a.closed),
             "draining": [
                 {"model": r.info.label, "active_requests": r.active} for r in self._draining if r.active
             ],

@@ -90,6 +90,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None = off; k = chosen token + k alternatives
     echo: bool = False  # also report the prompt (its token logprobs when logprobs is set)
+    adapter: str | None = None  # the LoRA adapter to generate with (model "BASE:NAME"); None = the base
 
     @property
     def chat(self) -> bool:

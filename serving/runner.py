@@ -176,12 +176,16 @@ class ModelRunner:
         label: str | None = None,
         source: str | None = None,
         replica: str = "local",
+        model: torch.nn.Module | None = None,
     ) -> ModelRunner:
+        """`model`: use these weights (e.g. a LoRA adapter merged in) with the directory's tokenizer and
+        chat template, instead of loading the directory's weights."""
         model_dir = Path(model_dir)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        device = pick_device(cfg.device)
-        model = load_model_dir(model_dir, device=device, dtype=pick_dtype(cfg.dtype, device))
+        if model is None:
+            device = pick_device(cfg.device)
+            model = load_model_dir(model_dir, device=device, dtype=pick_dtype(cfg.dtype, device))
         tokenizer = model_tokenizer(model_dir, model.config.vocab_size)
         tok_cfg_file = model_dir / "tokenizer_config.json"
         tok_cfg = json.loads(tok_cfg_file.read_text(encoding="utf-8")) if tok_cfg_file.is_file() else {}

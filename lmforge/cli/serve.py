@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  lmforge serve --model out/model\n"
             "  LMFORGE_API_KEYS=sk-1,sk-2 lmforge serve --model models:/support-bot@champion --host 0.0.0.0\n"
+            "  lmforge serve --model out/model --adapter support=out/ft-support/adapter \\\n"
+            '      --adapter legal=out/ft-legal/adapter   # a request sends "model": "model:support"\n'
             "  lmforge serve --config serve.yaml --set engine.num_slots=16 \\\n"
             "      --write-serve-config serve_config.yaml"
         ),
@@ -47,6 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     add_config_args(p, example="engine.num_slots=16", config_help="YAML file with ServeConfig fields")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help='serve a PEFT LoRA adapter directory on top of the model; requests select it with "model": '
+        '"BASE:NAME" (repeatable; adds to the config\'s adapters; checked against the model before Ray '
+        "starts)",
+    )
     p.add_argument("--served-model-name", help='the id clients send as "model" (default: the model\'s name)')
     p.add_argument(
         "--allow-unauthenticated",
@@ -80,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from lmforge.ray_logs import RayLogs, default_log_file
+    from lmforge.serving.adapters import parse_adapter_args
     from lmforge.serving.app import DeploymentError, check_models, run_server, serve_config_yaml
     from lmforge.serving.auth import Authenticator
     from lmforge.serving.config import load_serve_config
@@ -95,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         served_model_name=args.served_model_name,
         allow_unauthenticated=args.allow_unauthenticated,
+        adapters=parse_adapter_args(args.adapter),
     )
     if args.write_serve_config:
         with open(args.write_serve_config, "w", encoding="utf-8") as fh:
@@ -119,6 +132,9 @@ def _serve(args: argparse.Namespace) -> int:
             f"serving {cfg.model_id!r} ({cfg.model}) at {url}/v1 - OpenAI-compatible; Ctrl-C to stop",
             flush=True,
         )
+        if cfg.adapters:
+            ids = ", ".join(f"{cfg.model_id}:{name}" for name in cfg.adapters)
+            print(f"adapters: {ids} (at most {cfg.max_adapters_per_replica} loaded per replica)", flush=True)
 
     for warning in warnings:
         print(f"lmforge serve: warning: {warning}", file=sys.stderr)
