@@ -113,6 +113,10 @@ def test_failed_gate_exits_3_and_tags_the_registered_version(tmp_path, models, t
         metrics["tasks"]["heldout"]["bits_per_byte"], rel=1e-5
     )
     assert "**Gate: FAILED**" in (tmp_path / "out" / "report.md").read_text()
+    from lmforge.registry import PromotionRefused  # the verdict gates `lmforge registry promote`
+
+    with pytest.raises(PromotionRefused, match="failed its evaluation gate"):
+        registry.promote("bot", 1, "champion")
 
 
 @pytest.mark.slow

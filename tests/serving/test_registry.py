@@ -112,9 +112,9 @@ def test_polling_follows_the_alias_and_admin_reload(registry, tmp_path, monkeypa
     cfg = server_config(registry, tmp_path, registry_poll_s=0.2)
     server = ModelServer(cfg)
     try:
-        registry.client.set_alias("tiny", "champion", 2)
+        registry.client.promote("tiny", 2, "champion")  # what `lmforge registry promote` does
         wait_for(lambda: server.current.info.label == "tiny/2")
-        registry.client.set_alias("tiny", "champion", 1)
+        assert registry.client.rollback("tiny", "champion").version == "1"  # `lmforge registry rollback`
         wait_for(lambda: server.current.info.label == "tiny/1")
     finally:
         server.close()
