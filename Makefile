@@ -21,11 +21,12 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: install demo test test-fast lint bench clean help
+.PHONY: install demo demo-kfp test test-fast lint bench clean help
 
 help:
 	@echo "make demo      run the full pipeline on the bundled sample (embedded defaults, no services);"
 	@echo "               again: unchanged steps are reused (DEMO_ARGS=--overwrite or DEMO_ARGS=--resume)"
+	@echo "make demo-kfp  the same as the Kubeflow pipeline through kfp.local (+ evaluation, gated promotion)"
 	@echo "make test      run the test suite (creates .venv on first use)"
 	@echo "make test-fast run the tests not marked slow"
 	@echo "make lint      ruff check, ruff format --check and mypy (model/ and the core layer), as CI runs them"
@@ -45,6 +46,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/lmforge run --config $(DEMO_CONFIG) $(DEMO_ARGS)
+
+# The same lifecycle as the Kubeflow pipeline through kfp.local (adds evaluation and gated promotion)
+demo-kfp: install
+	$(VENV)/bin/lmforge run --kfp --config $(DEMO_CONFIG) $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

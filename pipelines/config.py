@@ -93,6 +93,73 @@ class RegisterSection:
 
 
 @dataclass
+class FinetuneSection:
+    """LoRA fine-tuning after pretraining (`lmforge finetune`'s config); off unless enabled."""
+
+    enabled: bool = False
+    config: str | None = None  # a finetune YAML (lmforge finetune --config); None: its defaults
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE, as `lmforge finetune --set`
+    lora_rank: int | None = None  # shortcut for the adapter rank (a pipeline parameter)
+
+    def __post_init__(self) -> None:
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if any("=" not in o for o in self.overrides):
+            raise ConfigError("overrides must be KEY=VALUE strings")
+
+
+QUANTIZE_METHODS = ("int8", "int4")
+
+
+@dataclass
+class QuantizeSection:
+    """Quantize the final model (`lmforge quantize`); method "" or "none" skips it."""
+
+    method: str = ""
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method == "none":
+            self.method = ""
+        if self.method and self.method not in QUANTIZE_METHODS:
+            raise ConfigError(
+                f"method must be one of {', '.join(QUANTIZE_METHODS)} or empty, got {self.method!r}"
+            )
+        if self.group_size < 1:
+            raise ConfigError(f"group_size must be >= 1, got {self.group_size}")
+
+
+@dataclass
+class EvaluateSection:
+    """The evaluation suite run on the final model (`lmforge evaluate`); suite None skips it."""
+
+    suite: str | None = None  # a suite YAML, e.g. configs/eval-demo.yaml
+    limit: int | None = None  # items per task (None: all)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class GateSection:
+    """Promotion: the version registered by the run gets `register.alias`; it is promoted to
+    `promote_alias` (and deployed) only when the gate passes. Without a gate file the pipeline
+    promotes nothing. `max_regression` rules compare with the current `promote_alias` holder; on
+    the first run (no holder yet) they are skipped."""
+
+    rules: str | None = None  # a gate YAML, e.g. configs/gate-demo.yaml (needs evaluate.suite)
+    promote_alias: str = "champion"
+
+    def __post_init__(self) -> None:
+        if not _ALIAS.match(self.promote_alias) or _VERSION_LIKE.match(self.promote_alias):
+            raise ConfigError(f"promote_alias must be a valid MLflow alias, got {self.promote_alias!r}")
+
+
+@dataclass
 class LifecycleConfig:
     workdir: str = ".lmforge/demo"  # every stage writes under it: data/, tokenizer/, tokens/, pretrain/
     inputs: list[str] = field(default_factory=lambda: ["data/sample/python-docs"])  # paths or s3:// URIs
@@ -103,6 +170,11 @@ class LifecycleConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)
     register: RegisterSection = field(default_factory=RegisterSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
+    # pipeline-only sections (`lmforge pipeline`, `lmforge run --kfp`); the in-process run ignores them
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    quantize: QuantizeSection = field(default_factory=QuantizeSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    gate: GateSection = field(default_factory=GateSection)
 
     def __post_init__(self) -> None:
         if not self.workdir:
@@ -125,6 +197,17 @@ class LifecycleConfig:
             return build(PretrainConfig, raw)
         except ConfigError as err:
             raise ConfigError(str(err).replace("invalid config: ", "invalid config: pretrain.")) from None
+
+    def check_pipeline_sections(self) -> None:
+        """The pipeline-only sections, checked together (not in `__post_init__`: a pipeline component
+        builds this config from only the sections it reads)."""
+        if self.gate.rules and not self.evaluate.suite:
+            raise ConfigError("invalid config: gate.rules needs evaluate.suite: the gate judges its metrics")
+        if self.gate.rules and self.gate.promote_alias == self.register.alias:
+            raise ConfigError(
+                f"invalid config: gate.promote_alias and register.alias are both {self.register.alias!r}: "
+                "the gate would promote nothing"
+            )
 
     def check(self) -> PretrainConfig:
         """Everything the sections can only tell together, and that the local inputs exist;

@@ -46,6 +46,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--overwrite", action="store_true", help="run every step afresh, reusing nothing from earlier runs"
     )
+    parser.add_argument(
+        "--kfp",
+        action="store_true",
+        help="run the Kubeflow pipeline (`lmforge pipeline`) through kfp.local: every stage of the config, "
+        "including finetune, quantize, evaluate and gated promotion, one MLflow parent run with a nested run "
+        "per stage; artifacts under <workdir>/kfp/ (--resume is not supported there)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="with --kfp: print every task's full log (always in pipeline.log)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -55,6 +67,8 @@ def _run(args: argparse.Namespace) -> int:
 
     console = Console()
     cfg = load(LifecycleConfig, args.config, args.overrides)
+    if args.kfp:
+        return _run_kfp(cfg, args, console)
     result = run_lifecycle(
         cfg,
         log=lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True),
@@ -63,6 +77,68 @@ def _run(args: argparse.Namespace) -> int:
     )
     print_summary(result, console)
     return 0
+
+
+def _run_kfp(cfg, args: argparse.Namespace, console: Console) -> int:
+    from lmforge.errors import UserError
+    from lmforge.pipelines.local import run_pipeline_locally
+
+    if args.resume:
+        raise UserError("--resume is not supported with --kfp: run again (unchanged steps are reused)")
+    run = run_pipeline_locally(
+        cfg,
+        log=lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True),
+        overwrite=args.overwrite,
+        verbose=args.verbose,
+    )
+    print_pipeline_summary(run, cfg, console)
+    return 0
+
+
+def print_pipeline_summary(run, cfg, console: Console) -> None:
+    """The tasks, where the model, reports and MLflow are, and the command to serve the result."""
+    from lmforge.registry import RegistryClient, RegistryError
+
+    console.rule(Text(f"lmforge pipeline run finished in {run.seconds:.1f} s"))
+    table = Table(title="Tasks", title_justify="left", show_edge=False, pad_edge=False)
+    for column in ("task", "this run", "took"):
+        table.add_column(column, justify="right" if column == "took" else "left")
+    for name, entry in run.steps.items():
+        seconds = entry.get("seconds")
+        took = f"{seconds:.1f} s" if isinstance(seconds, (int, float)) else "-"
+        table.add_row(Text(name), Text(str(entry.get("status", "?"))), Text(took))
+    console.print(table)
+    name = cfg.register.model_name
+    try:
+        aliases = RegistryClient(run.tracking_uri).aliases(name)
+    except RegistryError:
+        aliases = {}
+    alias = cfg.gate.promote_alias if cfg.gate.promote_alias in aliases else cfg.register.alias
+    console.print(Text("\nWhere everything is", style="bold"))
+    places = {
+        "model": run.artifact("quantize", "quantized"),
+        "datacard": run.artifact("curate", "datacard"),
+        "fertility report": run.artifact("train-tokenizer", "report"),
+        "evaluation report": run.artifact("evaluate", "report"),
+        "task folders": run.run_dir,
+        "full log": run.workdir / "pipeline.log",
+    }
+    for label, path in places.items():
+        if path is not None:
+            console.print(Text(f"  {label + ':':<20}{_show(path)}"), highlight=False)
+    if alias in aliases:
+        console.print(Text(f"  {'registered:':<20}models:/{name}@{alias} = version {aliases[alias]}"))
+    console.print(
+        Text(f"  {'MLflow:':<20}{mlflow_ui_hint(run.tracking_uri)}"), highlight=False, soft_wrap=True
+    )
+    console.print(Text(f"  {'MLflow parent run:':<20}{run.mlflow_run_id}"), highlight=False)
+    console.print(Text("\nNext steps", style="bold"))
+    model = f"models:/{name}@{alias}" if alias in aliases else _show(places["model"] or run.run_dir)
+    console.print(Text(f"  serve it:         lmforge serve --model {shlex.quote(model)}"), soft_wrap=True)
+    console.print(
+        Text("  run it again:     unchanged tasks are reused (kfp.local cache); --overwrite runs all"),
+        soft_wrap=True,
+    )
 
 
 # ---- the summary --------------------------------------------------------------------------------
