@@ -50,6 +50,25 @@ def documents(model_dir: str | None, vocab_size: int, bos: int) -> list[list[int
     return [[bos, *torch.randint(0, vocab_size, (n,), generator=g).tolist()] for n in lengths]
 
 
+def linear_tokens_per_s(model: torch.nn.Module, rows: int, repeats: int = 5) -> float:
+    """Tokens per second through every matrix multiply of the model (each Linear and the output head)
+    for `rows` tokens per forward: the work batching could make cheaper. The ratio of this at the
+    batched row count to this at one window's row count bounds what batching can gain on this CPU
+    (attention, norms and the softmax do not get cheaper per token with more rows either)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    with torch.inference_mode():
+        for w in weights:  # warm-up
+            inputs[w.shape[1]] @ w.T
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w in weights:
+                inputs[w.shape[1]] @ w.T
+            best = min(best, time.perf_counter() - start)
+    return rows / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,6 +124,10 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     rates = {k: tokens / statistics.median(v) for k, v in times.items()}
+    # the bound: matrix-multiply throughput at one window's mean row count vs the batched row count
+    mean_rows = max(1, round(tokens / len(docs)))
+    one_rows = min(window, mean_rows)
+    ceiling = linear_tokens_per_s(model, one_rows * args.batch_size) / linear_tokens_per_s(model, one_rows)
     record = {
         "figure": "perplexity_scoring_tokens_per_s",
         "documents": len(docs),
@@ -115,6 +138,8 @@ def main() -> None:
         "batched_tokens_per_s": round(rates["batched"], 1),
         "one_at_a_time_tokens_per_s": round(rates["one_at_a_time"], 1),
         "ratio": round(rates["batched"] / rates["one_at_a_time"], 2),
+        "matmul_rows_one_at_a_time": one_rows,
+        "matmul_ceiling_ratio": round(ceiling, 2),
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
@@ -124,7 +149,12 @@ def main() -> None:
         },
     }
     print(json.dumps(record), flush=True)
-    print(f"batched is {record['ratio']}x one document at a time", file=sys.stderr)
+    print(
+        f"batched is {record['ratio']}x one document at a time; the matrix multiplies alone gain "
+        f"{record['matmul_ceiling_ratio']}x from {one_rows} to {one_rows * args.batch_size} rows per call "
+        "on this machine (the ceiling for batching here)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -19,4 +19,5 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -m pytest -q -m gpu tests/model/test_cuda.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt"
 timeout 270 python3 benchmarks/pretrain_throughput.py --gpu 2>"$OUT/pretrain.err" | tee "$OUT/pretrain_gpu.jsonl"
 timeout 200 python3 benchmarks/decode_throughput.py --gpu --out "$OUT/decode_gpu.jsonl" 2>"$OUT/decode.err"
-tail -3 "$OUT/pretrain.err" "$OUT/decode.err"
+timeout 180 python3 benchmarks/adapter_serving.py --device cuda --preset seed-1.3b --rounds 1 2>"$OUT/adapter.err" | tee "$OUT/adapter_gpu.jsonl"
+tail -3 "$OUT/pretrain.err" "$OUT/decode.err" "$OUT/adapter.err"

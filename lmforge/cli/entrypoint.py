@@ -26,15 +26,21 @@ COMMAND_MODULES = [
     "lmforge.cli.tokenize",
     "lmforge.cli.serve",
     "lmforge.cli.evaluate",
+    "lmforge.cli.registry",
+    "lmforge.cli.prune",
+    "lmforge.cli.distill",
+    "lmforge.cli.export_onnx",
+    "lmforge.cli.finetune",
+    "lmforge.cli.pipeline",
+    "lmforge.cli.quantize",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
-        description="Curate data, train a tokenizer and a language model, evaluate, register and serve it: "
-        "private domain-specific language models on your own machines. Coming, with no command yet: "
-        "fine-tuning, quantization.",
+        description="Curate data, train a tokenizer and a language model, fine-tune, compress, evaluate, "
+        "register and serve it: private domain-specific language models on your own machines.",
     )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
