@@ -85,3 +85,32 @@ def ray_local(tmp_path_factory):
         del temp_dir
     yield ray
     ray.shutdown()
+
+
+# Process-wide settings a test may change and must not leave behind: `mlflow.set_tracking_uri(URL)`
+# also exports MLFLOW_TRACKING_URI (for subprocesses), and lmforge.storage exports S3 settings, so a
+# test that talked to a server it has since stopped would send every later test's MLflow calls there.
+LEAKY_ENV_PREFIXES = ("MLFLOW_", "AWS_", "LMFORGE_S3_")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_and_s3_settings():
+    import sys
+
+    def mlflow_uri() -> str | None:
+        if "mlflow" not in sys.modules:
+            return None
+        from mlflow.tracking._tracking_service import utils
+
+        return utils._tracking_uri
+
+    env_before = {k: v for k, v in os.environ.items() if k.startswith(LEAKY_ENV_PREFIXES)}
+    uri_before = mlflow_uri()
+    yield
+    if "mlflow" in sys.modules and mlflow_uri() != uri_before:
+        from mlflow.tracking._tracking_service import utils
+
+        utils.set_tracking_uri(uri_before)  # None also unsets MLFLOW_TRACKING_URI
+    for key in [k for k in os.environ if k.startswith(LEAKY_ENV_PREFIXES) and k not in env_before]:
+        del os.environ[key]
+    os.environ.update(env_before)

@@ -17,9 +17,13 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
 
+from lmforge.components.quantize import METHODS
 from lmforge.errors import ConfigError
 
-METHODS = ("int8", "int4", "int4-awq", "int4-gptq")
+__all__ = [
+    "METHODS"
+]  # re-exported: the one list lives in the package file (importable without the libraries)
+
 CALIBRATED = ("int4-awq", "int4-gptq")
 
 

@@ -18,7 +18,7 @@ SETTABLE = ("num_sequences", "seq_len", "min_sequences")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmforge.components.quantize.methods import METHODS
+    from lmforge.components.quantize import METHODS
 
     parser = subparsers.add_parser(
         "quantize",

@@ -372,10 +372,24 @@ def test_full_finetune_writes_a_model(tmp_path: Path, base_dir: Path, train_file
         (["data.train=/nonexistent.jsonl"], None, "data.train: /nonexistent.jsonl does not exist"),
     ],
 )
-def test_bad_input_refused_before_ray(tmp_path, base_dir, train_file, overrides, records, message) -> None:
+def test_bad_input_refused_before_ray(
+    tmp_path, base_dir, train_file, overrides, records, message, monkeypatch
+) -> None:
     import ray
 
     from lmforge.cli.entrypoint import main
+
+    # The session's shared Ray may already be up (other tests): what matters is that this call never
+    # reaches Ray, so any attempt to start or use it fails the test.
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was used before the bad input was refused")
+
+    was_up = ray.is_initialized()
+    from lmforge.components.pretrain import trainer
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(trainer, "_ensure_ray", no_ray)
+    monkeypatch.setattr(trainer, "TorchTrainer", no_ray)
 
     train = write_jsonl(tmp_path / "bad.jsonl", records) if records else train_file
     if records:
@@ -387,7 +401,7 @@ def test_bad_input_refused_before_ray(tmp_path, base_dir, train_file, overrides,
     with pytest.raises(USER_ERRORS) as err:
         finetune(cfg)
     assert message in str(err.value)
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == was_up
     # the CLI: one line, exit 2
     (tmp_path / "c.yaml").write_text("")
     args = ["finetune", "--config", str(tmp_path / "c.yaml")]

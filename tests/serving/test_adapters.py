@@ -306,7 +306,23 @@ def other_base_adapter(tmp_path_factory, tokenizer_dir) -> Path:
     return make_adapter(root, wide, "wide-adapter", seed=3, base=MODEL)
 
 
-def test_bad_adapters_are_refused_before_ray_starts(tmp_path, model_dir, adapters, other_base_adapter):
+@pytest.fixture
+def no_ray_start(monkeypatch):
+    """Fail on any attempt to start Ray; yields whether the session's shared Ray was already up (other
+    tests may have started it), which must not change."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started before the bad input was refused")
+
+    was_up = ray.is_initialized()
+    monkeypatch.setattr(ray, "init", refuse)
+    yield was_up
+    assert ray.is_initialized() == was_up
+
+
+def test_bad_adapters_are_refused_before_ray_starts(
+    tmp_path, model_dir, adapters, other_base_adapter, no_ray_start
+):
     one = adapters["one"]
     (tmp_path / "empty").mkdir()
     (tmp_path / "bin-only").mkdir()
@@ -334,7 +350,6 @@ def test_bad_adapters_are_refused_before_ray_starts(tmp_path, model_dir, adapter
         ),
         (other_base_adapter, "trained for a different base model"),
     ]
-    assert not ray.is_initialized()
     for path, message in cases:
         cfg = make_config(model_dir, {"x": path})
         with pytest.raises(UserError) as err:
@@ -349,16 +364,14 @@ def test_bad_adapters_are_refused_before_ray_starts(tmp_path, model_dir, adapter
     check_models(make_config(model_dir, {"x": other}, check_adapter_base=False), local=True)
     with pytest.raises(UserError, match="different base model"):
         check_models(make_config(model_dir, {"x": other_base_adapter}, check_adapter_base=False), local=True)
-    assert not ray.is_initialized()
 
 
-def test_cli_refuses_a_bad_adapter_before_ray_starts(tmp_path, model_dir, capsys):
+def test_cli_refuses_a_bad_adapter_before_ray_starts(tmp_path, model_dir, capsys, no_ray_start):
     assert main(["serve", "--model", str(model_dir), "--adapter", f"x={tmp_path / 'nope'}"]) == 2
     err = capsys.readouterr().err
     assert "adapter x" in err and "does not exist" in err and "Traceback" not in err
     assert main(["serve", "--model", str(model_dir), "--adapter", "x"]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_write_serve_config_carries_the_adapters(tmp_path, model_dir, adapters):
