@@ -50,21 +50,29 @@ def documents(model_dir: str | None, vocab_size: int, bos: int) -> list[list[int
     return [[bos, *torch.randint(0, vocab_size, (n,), generator=g).tolist()] for n in lengths]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def linear_tokens_per_s(model: torch.nn.Module, rows: int, repeats: int = 5) -> float:
     """Tokens per second through every matrix multiply of the model (each Linear and the output head)
     for `rows` tokens per forward: the work batching could make cheaper. The ratio of this at the
     batched row count to this at one window's row count bounds what batching can gain on this CPU
     (attention, norms and the softmax do not get cheaper per token with more rows either)."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    device = weights[0].device
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=w.dtype) for w in weights}
     with torch.inference_mode():
         for w in weights:  # warm-up
             inputs[w.shape[1]] @ w.T
+        _sync(device)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             for w in weights:
                 inputs[w.shape[1]] @ w.T
+            _sync(device)
             best = min(best, time.perf_counter() - start)
     return rows / best
 
@@ -79,7 +87,9 @@ def main() -> None:
     parser.add_argument(
         "--doc-tokens", type=int, help="cut every document into pieces of this many tokens (many short items)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU figure: gpu_session.sh)")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.manual_seed(0)
     if args.model:
@@ -98,6 +108,7 @@ def main() -> None:
             max_seq_len=512,
         )
         model = Transformer(cfg).eval()
+    model = model.to(device)
     bos = (
         model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id or 0
     )
@@ -109,10 +120,14 @@ def main() -> None:
     tokens = sum(len(d) - 1 for d in docs)
 
     def batched():
-        return document_nlls(model, docs, window, window, batch_size=args.batch_size)
+        out = document_nlls(model, docs, window, window, batch_size=args.batch_size)
+        _sync(device)
+        return out
 
     def one_at_a_time():
-        return [document_nlls(model, [d], window, window, batch_size=1)[0] for d in docs]
+        out = [document_nlls(model, [d], window, window, batch_size=1)[0] for d in docs]
+        _sync(device)
+        return out
 
     a, b = batched(), one_at_a_time()  # warm-up, and the two must agree
     for (x, n), (y, m) in zip(a, b, strict=True):
@@ -143,6 +158,7 @@ def main() -> None:
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
             "platform": platform.platform(),
             "load_average": os.getloadavg(),

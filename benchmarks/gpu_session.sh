@@ -21,3 +21,6 @@ timeout 270 python3 benchmarks/pretrain_throughput.py --gpu 2>"$OUT/pretrain.err
 timeout 200 python3 benchmarks/decode_throughput.py --gpu --out "$OUT/decode_gpu.jsonl" 2>"$OUT/decode.err"
 timeout 180 python3 benchmarks/adapter_serving.py --device cuda --preset seed-1.3b --rounds 1 2>"$OUT/adapter.err" | tee "$OUT/adapter_gpu.jsonl"
 tail -3 "$OUT/pretrain.err" "$OUT/decode.err" "$OUT/adapter.err"
+# issue 13: batched perplexity scoring vs one document at a time, on the GPU (the CPU bound is in RESULTS.md)
+timeout 120 python3 benchmarks/eval_throughput.py --device cuda --doc-tokens 64 --batch-size 32 2>>"$OUT/eval.err" | tee "$OUT/eval_gpu.jsonl"
+timeout 120 python3 benchmarks/eval_throughput.py --device cuda --batch-size 16 2>>"$OUT/eval.err" | tee -a "$OUT/eval_gpu.jsonl"
