@@ -40,12 +40,16 @@ from lmforge.components.finetune.task import (
 from lmforge.components.pretrain import checkpointing
 from lmforge.components.pretrain.env import RunEnv
 from lmforge.components.pretrain.loop import OnStep, train
-from lmforge.components.pretrain.tracking import MlflowTracker, Tracker, flatten, plot_loss_curve
+from lmforge.components.pretrain.tracking import (
+    MlflowTracker,
+    flatten,
+    plot_loss_curve,
+    start_run_tracker,
+)
 from lmforge.config import to_dict
 from lmforge.errors import InputNotFoundError
 from lmforge.model.checkpoint import copy_tokenizer_files, load_state_dict, read_config, save_model_dir
 from lmforge.model.config import ConfigError, ModelConfig
-from lmforge.tracking import default_tracking_uri
 
 ADAPTER_ARTIFACT = "adapter"  # where the adapter sits in the MLflow run's artifacts
 
@@ -97,16 +101,8 @@ def finetune(
     stats = {name: s.to_dict() for name, s in prep.stats.items()}
     (out / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
-    tracker: Tracker = Tracker()
-    if cfg.tracking.enabled:
-        uri = cfg.tracking.tracking_uri or default_tracking_uri()
-        same_store = previous.get("mlflow_tracking_uri") == uri
-        tracker = MlflowTracker.start(
-            uri,
-            cfg.tracking.experiment,
-            cfg.resolved_run_name,
-            run_id=previous.get("mlflow_run_id") if same_store else None,
-        )
+    tracker = start_run_tracker(cfg.tracking, cfg.resolved_run_name, previous)
+    if isinstance(tracker, MlflowTracker):
         tracker.client.set_tag(tracker.run_id, "lmforge.stage", "finetune")
         tracker.client.set_tag(tracker.run_id, "lmforge.base_model", prep.task.base_reference)
     info = {

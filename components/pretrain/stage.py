@@ -26,11 +26,14 @@ from lmforge.components.pretrain.config import PretrainConfig, describe
 from lmforge.components.pretrain.env import RunEnv
 from lmforge.components.pretrain.loop import OnStep, train
 from lmforge.components.pretrain.task import TrainTask
-from lmforge.components.pretrain.tracking import MlflowTracker, Tracker, flatten, plot_loss_curve
+from lmforge.components.pretrain.tracking import (
+    flatten,
+    plot_loss_curve,
+    start_run_tracker,
+)
 from lmforge.components.token_dataset import PackedTokenDataset, read_index
 from lmforge.config import to_dict
 from lmforge.model.config import ConfigError, ModelConfig
-from lmforge.tracking import default_tracking_uri
 
 
 @dataclass
@@ -70,16 +73,7 @@ def pretrain(
     config_file = out / "config.yaml"
     config_file.write_text(yaml.safe_dump(config_dict, sort_keys=False))
 
-    tracker: Tracker = Tracker()
-    if cfg.tracking.enabled:
-        uri = cfg.tracking.tracking_uri or default_tracking_uri()
-        same_store = previous.get("mlflow_tracking_uri") == uri
-        tracker = MlflowTracker.start(
-            uri,
-            cfg.tracking.experiment,
-            cfg.resolved_run_name,
-            run_id=previous.get("mlflow_run_id") if same_store else None,
-        )
+    tracker = start_run_tracker(cfg.tracking, cfg.resolved_run_name, previous)
     info = {
         "config": config_dict,
         "model_config": model_cfg.to_dict(),

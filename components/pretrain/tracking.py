@@ -136,6 +136,25 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id, status=status)
 
 
+def start_run_tracker(tracking: Any, run_name: str, previous: dict[str, Any]) -> Tracker:
+    """The driver's tracker for a training run (`tracking`: a config's TrackingSection): a no-op when
+    tracking is off; otherwise an MLflow run in `tracking.experiment`, reopening the run of the attempt
+    being resumed (`previous`: its trainer state) when that run lives in the same store, so a resumed
+    run keeps one MLflow run."""
+    if not tracking.enabled:
+        return Tracker()
+    from lmforge.tracking import default_tracking_uri
+
+    uri = tracking.tracking_uri or default_tracking_uri()
+    same_store = previous.get("mlflow_tracking_uri") == uri
+    return MlflowTracker.start(
+        uri,
+        tracking.experiment,
+        run_name,
+        run_id=previous.get("mlflow_run_id") if same_store else None,
+    )
+
+
 def open_tracker(enabled: bool, tracking_uri: str | None, run_id: str | None) -> Tracker:
     """The tracker a worker logs to: the driver's MLflow run, or the stand-in."""
     if not enabled or tracking_uri is None or run_id is None:

@@ -5,14 +5,12 @@ with --artifacts-destination s3://). `moto_server` is the S3 endpoint (a real HT
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from _net import free_port, wait_http
 
 from lmforge.errors import InputNotFoundError
 from lmforge.storage import (
@@ -27,25 +25,6 @@ from lmforge.storage import (
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -9,24 +9,18 @@ all get their own adapter's output. The in-process behaviour is tests/serving/te
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from _net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 MODEL = "tiny-model"
 PROMPT, MAX_TOKENS = "The quick brown", 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapter(root: Path, model_dir: Path, name: str, seed: int, targets: tuple[str, ...]) -> Path:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
 import pytest
+from _net import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -23,12 +23,6 @@ openai = pytest.importorskip("openai")
 
 KEY = "sk-lmforge-test-0123456789"
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, timeout: float = 120.0, every: float = 0.2):
