@@ -5,7 +5,6 @@ the CLI, bad input. The Ray Train run is in test_distill_ray.py."""
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -78,7 +77,8 @@ def test_task_loss_weights_and_pickles_without_the_teacher(tmp_path: Path) -> No
     loss = task.loss(student, batch)
     kl, hard = distill_terms(student(ids), task.teacher(torch.device("cpu"))(ids), batch[1], 2.0)
     torch.testing.assert_close(loss, 0.25 * 4 * kl + 0.75 * hard)
-    assert pickle.loads(pickle.dumps(task))._teacher is None and task._teacher is not None
+    # what travels to the Ray workers (pickle's state) leaves the teacher's weights behind
+    assert task.__getstate__()["_teacher"] is None and task._teacher is not None
     student.eval()  # validation: the student's own next-token loss
     torch.testing.assert_close(task.loss(student, batch), hard, rtol=1e-5, atol=1e-5)
 
