@@ -8,6 +8,18 @@ tutorial) with `lmforge pretrain`'s stage, so the model has something to lose. P
 on the held-out validation split (documents never trained on); calibration uses the train split.
 Memory is numel * element size of every tensor the loaded model stores (measured, not estimated).
 Decode speed: the engine, one slot, greedy, eager (as `lmforge serve` runs on CPU), tokens per second.
+
+With --model DIR and no --shards (e.g. the imported SmolLM2-135M-Instruct, `scripts/fetch_smollm2.py`):
+held-out text = the repo's sample document(s) `HELD_OUT_DOCS` (11.2k characters of Python tutorial,
+tokenized with the model's tokenizer), scored as bits per byte and per-token perplexity over windows of
+--seq-len tokens; calibration = the other sample documents (a JSONL written under --out), windows of
+--calib-len tokens. Also measured: the memory the loaded engine model holds (parameters and buffers,
+after `share_tied_embedding`), batch-1 decode through the eager engine and (--compile) the compiled
+one-slot engine, and torch's fbgemm dynamic int8 linear (`torch.ao.quantization.quantize_dynamic`,
+activations quantized per tensor at run time) as the library comparison.
+
+    .venv/bin/python benchmarks/quantize_bench.py --model ~/.cache/lmforge/models/smollm2-135m-instruct \
+        --methods int8,int4,int4-gptq --compile --reuse --out /tmp/lmforge-quantize-bench-smollm2
 """
 
 from __future__ import annotations
@@ -64,18 +76,177 @@ def perplexity(model, shards: Path, seq_len: int, max_sequences: int) -> float:
     return math.exp(total / y.numel())
 
 
-def decode_tokens_per_s(model, new_tokens: int, repeats: int) -> float:
-    from lmforge.model.generation import SamplingParams, generate
+def decode_tokens_per_s(model, new_tokens: int, repeats: int, compile: bool = False) -> float:
+    """Median tokens/s of one prompt (one slot), greedy, after a warm-up (which compiles, if asked)."""
+    from lmforge.model.engine import Engine
+    from lmforge.model.generation import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     prompt = list(range(5, 21))
-    generate(model, prompt, params)  # warm-up (one prompt: a one-slot engine)
+    engine = Engine(model, num_slots=1, max_len=len(prompt) + new_tokens + 1, compile=compile)
+
+    def run() -> int:
+        engine.submit(prompt, params)
+        n = 0
+        while engine.has_work():
+            n += sum(1 for e in engine.step() if e.token_id is not None)
+        return n
+
+    run()  # warm-up
     rates = []
     for _ in range(repeats):
         t = time.perf_counter()
-        out = generate(model, prompt, params)
-        rates.append(len(out.token_ids) / (time.perf_counter() - t))
+        n = run()
+        rates.append(n / (time.perf_counter() - t))
     return statistics.median(rates)
+
+
+# ---- text mode (an imported model, e.g. SmolLM2-135M): held-out documents, bits per byte ------------
+SAMPLE = REPO / "data" / "sample" / "python-docs"
+NOT_CALIBRATED = ("tutorial/floatingpoint.rst.txt", "tutorial/stdlib.rst.txt")  # kept out of calibration
+HELD_OUT_DOCS = NOT_CALIBRATED[:1]  # scored: 11.2k characters (one document keeps a run short on 2 cores)
+
+
+def sample_texts() -> tuple[str, list[str]]:
+    """(held-out text, calibration documents): disjoint documents of the repo's bundled sample."""
+    held = "\n\n".join((SAMPLE / d).read_text(encoding="utf-8") for d in HELD_OUT_DOCS)
+    calib = [
+        p.read_text(encoding="utf-8")
+        for p in sorted(SAMPLE.rglob("*.txt"))
+        if str(p.relative_to(SAMPLE)) not in NOT_CALIBRATED
+    ]
+    return held, calib
+
+
+def write_calibration(out: Path) -> Path:
+    path = out / "calibration.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts()[1]))
+    return path
+
+
+@torch.no_grad()
+def text_scores(model, model_dir: Path, seq_len: int) -> dict[str, float]:
+    """Bits per byte and per-token perplexity of the held-out text, in windows of seq_len tokens."""
+    from lmforge.tokenizer_files import load_tokenizer
+
+    text = sample_texts()[0]
+    ids = load_tokenizer(model_dir).encode(text).ids
+    n = (len(ids) - 1) // seq_len
+    x = torch.tensor(ids[: n * seq_len + 1])
+    inputs, targets = x[:-1].view(n, seq_len), x[1:].view(n, seq_len)
+    nats = 0.0
+    for s in range(0, n, 4):
+        nats += float(model(inputs[s : s + 4], targets=targets[s : s + 4])) * targets[s : s + 4].numel()
+    scored_bytes = len(text.encode("utf-8")) * (n * seq_len) / (len(ids) - 1)  # the windows' share
+    return {
+        "bpb": nats / math.log(2) / scored_bytes,
+        "ppl": math.exp(nats / targets.numel()),
+        "tokens": targets.numel(),
+    }
+
+
+def held_bytes(model) -> int:
+    """Bytes of every tensor the loaded model holds (parameters and buffers, each storage once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def fbgemm_dynamic(model):
+    """torch's library route: every nn.Linear -> DynamicQuantizedLinear (fbgemm/x86 int8 weights,
+    activations quantized per tensor at run time). The output head (LMHead) stays fp32."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def text_mode(args) -> None:
+    from lmforge.components.quantize.stage import quantize
+    from lmforge.model import int8_gemv
+    from lmforge.model.checkpoint import load_model_dir
+    from lmforge.model.decode_layout import apply_decode_layout
+    from lmforge.model.quantized import share_tied_embedding, tensor_bytes
+
+    model_dir = args.model.expanduser()
+    calib = write_calibration(args.out)
+    rows = []
+
+    def measure(name: str, model, stored: int, extra: dict) -> None:
+        t = time.perf_counter()
+        row = {"variant": name, "stored_bytes": stored, "held_bytes": held_bytes(model), **extra}
+        if not args.skip_quality:
+            row.update(text_scores(model, model_dir, args.seq_len))
+        row["eval_s"] = round(time.perf_counter() - t, 1)
+        if not args.skip_speed:
+            row["tok_s"] = decode_tokens_per_s(apply_decode_layout(model), args.new_tokens, args.repeats)
+        if not args.skip_speed and args.compile and not name.startswith("int4") and name != "fbgemm-dyn":
+            row["tok_s_compiled"] = decode_tokens_per_s(
+                load_fresh(name), args.new_tokens, args.repeats, compile=True
+            )
+        row["load"] = os.getloadavg()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    dirs = {"fp32": model_dir}
+
+    def load_fresh(name: str):
+        m = load_model_dir(dirs[name], dtype=torch.float32 if name == "fp32" else None)
+        return share_tied_embedding(m) if name != "fp32" else m
+
+    fp32 = load_model_dir(model_dir, dtype=torch.float32)
+    measure("fp32", fp32, tensor_bytes(fp32), {"bf16_bytes": tensor_bytes(fp32) // 2})
+    if "fbgemm" in args.library:
+        measure("fbgemm-dyn", fbgemm_dynamic(load_model_dir(model_dir, dtype=torch.float32)), 0, {})
+    del fp32
+    for method in args.methods.split(","):
+        out = args.out / method
+        if not (args.reuse and (out / "report.json").is_file()):
+            quantize(
+                model_dir,
+                out,
+                method=method,
+                group_size=args.group_size,
+                calibration=calib if method in ("int4-awq", "int4-gptq") else None,
+                seq_len=args.calib_len,
+                num_sequences=args.calib_sequences,
+                min_sequences=min(64, args.calib_sequences),
+                log=print,
+            )
+        dirs[method] = out
+        report = json.loads((out / "report.json").read_text())
+        q = load_fresh(method)
+        measure(
+            method,
+            q,
+            tensor_bytes(load_model_dir(out)),
+            {
+                "quantize_s": report["seconds"],
+                "calibration_sequences": report["calibration_sequences"],
+                "linear_ratio": report["linear_ratio"],
+            },
+        )
+    print(
+        f"model {model_dir}; int8 kernel: {int8_gemv.unavailable_reason() or 'used'}; load {os.getloadavg()}"
+    )
+    base, nan = rows[0], float("nan")
+    print(
+        f"{'variant':<11} {'stored':>12} {'x fp32':>6} {'held':>12} {'x fp32':>6} {'bits/byte':>9} "
+        f"{'dbpb':>7} {'ppl':>7} {'tok/s':>6} {'x fp32':>6} {'compiled':>8} {'x fp32c':>7}"
+    )
+    for r in rows:
+        c = r.get("tok_s_compiled")
+        print(
+            f"{r['variant']:<11} {r['stored_bytes']:>12,} {r['stored_bytes'] / base['stored_bytes']:>6.3f} "
+            f"{r['held_bytes']:>12,} {r['held_bytes'] / base['held_bytes']:>6.3f} {r.get('bpb', nan):>9.4f} "
+            f"{100 * (r.get('bpb', nan) / base.get('bpb', nan) - 1):>+6.2f}% {r.get('ppl', nan):>7.3f} "
+            f"{r.get('tok_s', nan):>6.1f} {r.get('tok_s', nan) / base.get('tok_s', nan):>6.2f} "
+            f"{c or nan:>8.1f} {(c or nan) / base.get('tok_s_compiled', nan):>7.2f}"
+        )
+    (args.out / "results.json").write_text(json.dumps({"model": str(model_dir), "rows": rows}, indent=2))
 
 
 def main() -> None:
@@ -93,7 +264,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="int8,int4,int4-awq,int4-gptq")
+    parser.add_argument("--seq-len", type=int, default=256, help="held-out window (text mode)")
+    parser.add_argument("--calib-len", type=int, default=128, help="calibration window (text mode)")
+    parser.add_argument("--calib-sequences", type=int, default=128, help="calibration windows (text mode)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled one-slot engine")
+    parser.add_argument("--reuse", action="store_true", help="reuse quantized directories under --out")
+    parser.add_argument("--library", default="fbgemm", help="'fbgemm' adds torch's dynamic int8 linear")
+    parser.add_argument("--skip-quality", action="store_true", help="text mode: no bits/byte (timing only)")
+    parser.add_argument("--skip-speed", action="store_true", help="text mode: no decode timing")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.model is not None and args.shards is None:
+        text_mode(args)
+        return
 
     from lmforge.components.quantize.stage import quantize
     from lmforge.model.checkpoint import load_model_dir

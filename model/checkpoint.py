@@ -194,6 +194,15 @@ def load_state_dict(
     return state
 
 
+def _metadata(model_dir: str | os.PathLike) -> dict:
+    """lmforge.json of a model directory ({} if absent or unreadable: it is informational)."""
+    try:
+        meta = json.loads((Path(model_dir) / "lmforge.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_model_dir(
     model_dir: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -208,9 +217,13 @@ def load_model_dir(
     qc = quantization_scheme(model_dir)
     if qc is not None:
         try:
-            return build_quantized_model(cfg, state, qc, device, dtype)
+            model = build_quantized_model(cfg, state, qc, device, dtype)
         except ConfigError as err:
             raise ModelDirError(f"{model_dir}: {err}") from None
+        # the output head was quantized from the tied embedding (see quantized.share_tied_embedding)
+        head_tied = bool(_metadata(model_dir).get("quantization", {}).get("head_tied"))
+        model.head_tied_to_embedding = head_tied  # type: ignore[assignment]
+        return model
     if cfg.tie_embeddings:
         head = state.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, state.get("model.embed_tokens.weight", head)):

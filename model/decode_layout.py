@@ -17,6 +17,10 @@ multiply itself. Measured on a 2-core AMD EPYC with PyTorch's MKL/oneDNN (fp32, 
   matrices: 16.8 ms -> 6.5 ms). `MatvecLinear` does this rewrite only while compiling, only for a
   single row and only for row-major weights; `for_compile=True` keeps every weight row-major for it.
 
+- int8 weight-only layers (`QuantizedLinear`, per channel) decode through the AVX2 int8 GEMV of
+  int8_gemv.py for inputs of up to a few rows; this transform builds it (once, cached) or warns why
+  not, before any torch.compile traces the model.
+
 Values, parameter names, tied weights and the state dict are unchanged and results agree to float
 rounding. Meant for models used for inference: some training code expects contiguous parameters,
 so callers apply it explicitly (`lmforge generate`, the benchmark, the server), like any other
@@ -31,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model import int8_gemv
+from lmforge.model.quantized import QuantizedLinear
 from lmforge.model.transformer import LMHead
 
 PACK_MIN_OUT_FEATURES = 8192  # only an output-head-sized matrix gains from a packed copy
@@ -106,6 +112,8 @@ def apply_decode_layout(model: nn.Module, for_compile: bool = False) -> nn.Modul
     reduction. Either call may follow the other; the last one decides."""
     pack = None
     for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.bits == 8 and module.group_size is None:
+            int8_gemv.available()  # int8 layers decode through the int8 GEMV: build it (or warn) now
         if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
             continue
         weight = module.weight

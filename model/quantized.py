@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model import int8_gemv
 from lmforge.model.config import ConfigError, ModelConfig
 from lmforge.model.fused_loss import fused_linear_cross_entropy
 from lmforge.model.transformer import Transformer
@@ -194,6 +195,15 @@ class QuantizedLinear(nn.Module):
     def forward(
         self, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
     ) -> torch.Tensor:
+        if targets is None and self._use_int8_kernel(x):
+            # decode-sized input, int8 per channel: the AVX2 GEMV reads the stored bytes directly
+            rows = x.numel() // self.in_features
+            y = int8_gemv.int8_gemv(
+                x.reshape(rows, self.in_features).float(),
+                self.weight_packed.view(torch.uint8),
+                self.weight_scale.view(-1).float(),
+            )
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if targets is None and self.group_size is None and self.symmetric:
             # per-channel symmetric: the scale factors out of the dot products, y = (x q^T) * scale,
             # so only an int8 -> float conversion precedes the matmul (about 4x cheaper on CPU than
@@ -204,11 +214,83 @@ class QuantizedLinear(nn.Module):
             return fused_linear_cross_entropy(x, weight, targets, ignore_index=ignore_index)
         return F.linear(x, weight)
 
+    def _use_int8_kernel(self, x: torch.Tensor) -> bool:
+        """int8 per-channel, CPU, at most int8_gemv.MAX_ROWS rows, no gradient needed, and the kernel
+        built here (decided once per process; under torch.compile only if decided beforehand, e.g.
+        by `apply_decode_layout`, so tracing never builds or warns)."""
+        if not (
+            self.bits == 8
+            and self.group_size is None
+            and self.symmetric
+            and x.device.type == "cpu"
+            and x.numel() <= int8_gemv.MAX_ROWS * self.in_features
+            and not (x.requires_grad and torch.is_grad_enabled())
+        ):
+            return False
+        if torch.compiler.is_compiling():
+            return int8_gemv.decided_available()
+        return int8_gemv.available()
+
     def extra_repr(self) -> str:
         scheme = "per-channel" if self.group_size is None else f"group {self.group_size}"
         kind = "symmetric" if self.symmetric else "asymmetric"
         shape = f"in_features={self.in_features}, out_features={self.out_features}"
         return f"{shape}, int{self.bits} {scheme} {kind}"
+
+
+# ---- the input embedding, looked up in a quantized output head ----------------------------------
+class QuantizedEmbedding(nn.Module):
+    """Input embedding rows read from the quantized output head they were tied to (dequantized as
+    looked up), so the engine holds one int8/int4 copy of the vocabulary matrix instead of that copy
+    plus the fp32 embedding. The head is referenced, not registered: it is stored (and counted) once,
+    under `lm_head`, and this module has no tensors of its own (its model's state dict then lacks
+    `model.embed_tokens.weight`, so a model transformed this way is for inference, not for saving)."""
+
+    def __init__(self, head: QuantizedLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self._head = (head,)  # a tuple: not a submodule
+        self.num_embeddings, self.embedding_dim, self.dtype = head.out_features, head.in_features, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self._head[0]
+        flat = ids.reshape(-1)
+        n, cols = flat.numel(), head.in_features
+        q = unpack_int32(head.weight_packed[flat], head.bits, (n, cols)).to(torch.float32)  # (n, C)
+        scale = head.weight_scale[flat].to(torch.float32)  # (n, groups)
+        groups = scale.shape[1]
+        q = q.view(n, groups, cols // groups)
+        if head.weight_zero_point is not None:  # packed along the vocabulary: row r in word r // per_word
+            per_word = 32 // head.bits
+            words = head.weight_zero_point[flat // per_word]  # (n, groups) int32
+            shift = ((flat % per_word) * head.bits).unsqueeze(-1)
+            zp = ((words >> shift) & ((1 << head.bits) - 1)) - (1 << (head.bits - 1))
+            q = q - zp.to(torch.float32).unsqueeze(-1)
+        rows = (q * scale.unsqueeze(-1)).view(n, cols)
+        return rows.to(self.dtype).view(*ids.shape, cols)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, from the int{self._head[0].bits} lm_head"
+
+
+def share_tied_embedding(model: nn.Module) -> nn.Module:
+    """`share_tied_embedding(model) -> model`: if `model` was loaded from a quantized directory whose
+    output head was quantized from the matrix its input embedding is tied to (`lmforge quantize`
+    records it), look embedding rows up in the quantized head and drop the full-precision embedding
+    from memory. Any other model is returned unchanged. In place; for inference (see
+    QuantizedEmbedding). Costs the head's quantization error on the embedding rows too (measured in
+    benchmarks/RESULTS.md, Quantization)."""
+    inner = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if (
+        not getattr(model, "head_tied_to_embedding", False)
+        or not isinstance(head, QuantizedLinear)
+        or not isinstance(embed, nn.Embedding)
+        or tuple(embed.weight.shape) != (head.out_features, head.in_features)
+    ):
+        return model
+    inner.embed_tokens = QuantizedEmbedding(head, embed.weight.dtype)  # type: ignore[union-attr]
+    return model
 
 
 # ---- building a model from a quantized directory ----------------------------------------------

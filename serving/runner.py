@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from lmforge.model.checkpoint import dtype_from_name, load_model_dir
 from lmforge.model.engine import Engine, EngineDriver, QueueFull
 from lmforge.model.generation import SamplingParams, SamplingParamsError
+from lmforge.model.quantized import share_tied_embedding
 from lmforge.serving.chat import ChatTemplate
 from lmforge.serving.config import EngineConfig
 from lmforge.serving.protocol import APIError, GenerationRequest, bad_request
@@ -186,6 +187,7 @@ class ModelRunner:
         if model is None:
             device = pick_device(cfg.device)
             model = load_model_dir(model_dir, device=device, dtype=pick_dtype(cfg.dtype, device))
+            model = share_tied_embedding(model)  # quantized tied head: no second (fp32) embedding
         tokenizer = model_tokenizer(model_dir, model.config.vocab_size)
         tok_cfg_file = model_dir / "tokenizer_config.json"
         tok_cfg = json.loads(tok_cfg_file.read_text(encoding="utf-8")) if tok_cfg_file.is_file() else {}

@@ -411,6 +411,7 @@ def generate_from_dir(
     decoding if a draft model is given, otherwise sampling (greedy at temperature 0) on the
     engine (`compile=True`: its decode step goes through torch.compile / CUDA graphs)."""
     from lmforge.model.checkpoint import load_model_dir
+    from lmforge.model.quantized import share_tied_embedding
 
     if num_beams > 1 and (regex_pattern or draft_model_dir):
         raise UserError("--num-beams cannot be combined with --regex or --draft-model")
@@ -418,7 +419,7 @@ def generate_from_dir(
         raise UserError("--draft-model cannot be combined with --regex")
     if compile and (num_beams > 1 or draft_model_dir):
         raise UserError("--compile applies to sampling/greedy decoding, not to --num-beams or --draft-model")
-    model = apply_decode_layout(load_model_dir(model_dir, device=device, dtype=dtype))
+    model = apply_decode_layout(share_tied_embedding(load_model_dir(model_dir, device=device, dtype=dtype)))
     tokenizer = model_tokenizer(model_dir, model.config.vocab_size)
     prompt_ids, params, decoder = _prepare(model, tokenizer, prompt, params, stop)
     start = time.perf_counter()

@@ -133,7 +133,8 @@ def quantize(
     linear_bytes_before = sum(
         net.get_submodule(n).weight.numel() * net.get_submodule(n).weight.element_size() for n in names
     )
-    if "lm_head" in names and net.config.tie_embeddings:  # untie: the head is stored quantized
+    head_tied = "lm_head" in names and net.config.tie_embeddings
+    if head_tied:  # untie: the head is stored quantized (the engine can look embeddings up in it)
         net.config = dataclasses.replace(net.config, tie_embeddings=False)
         net.lm_head.weight = nn.Parameter(net.model.embed_tokens.weight.detach().clone(), requires_grad=False)
 
@@ -184,6 +185,7 @@ def quantize(
         "source": str(model),
         "quantized_layers": len(names),
         "output_head_quantized": "lm_head" in names,
+        "head_tied": head_tied,  # the head was quantized from the tied embedding (share_tied_embedding)
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "ratio": bytes_after / bytes_before,
