@@ -71,6 +71,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         workspace_bytes: int,
         needs_grad: bool,
+        needs_grad_weight: bool = True,
     ) -> torch.Tensor:
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         compute = _compute_dtype(hidden)
@@ -88,8 +89,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             low_precision = compute != torch.float32
             loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
             grad_h = torch.empty_like(h) if needs_grad else None
+            # a frozen head (LoRA, QLoRA) gets no weight gradient: no weight-sized buffer, no (V, c) @ (c, C)
             grad_w = (
-                torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if needs_grad else None
+                torch.empty(weight.shape, device=weight.device, dtype=torch.float32)
+                if needs_grad and needs_grad_weight
+                else None
             )
             for start in range(0, n_tokens, chunk):
                 end = min(start + chunk, n_tokens)
@@ -111,12 +115,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss += ((lse - picked) * s).sum()
                 if not needs_grad:
                     continue
-                assert grad_h is not None and grad_w is not None
+                assert grad_h is not None
                 # d loss / d logits = (softmax - onehot(target)) * scale, formed in place
                 logits_t.mul_(s / denom)
                 logits_t.index_put_((tgt, col), -s, accumulate=True)
                 g = logits_t.to(compute)  # the buffer itself in fp32
                 torch.mm(g.t(), w, out=grad_h[start:end])
+                if grad_w is None:
+                    continue
                 # the first chunk writes the fp32 weight gradient (no zero-fill pass), later ones add to it
                 if low_precision:
                     grad_w.add_(g @ h_c) if start else grad_w.copy_(g @ h_c)
@@ -141,7 +147,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.consumed = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return grad_h.mul_(grad_loss).to(h_dtype), grad_w.mul_(grad_loss).to(w_dtype), None, None, None, None
+        grad_weight = None if grad_w is None else grad_w.mul_(grad_loss).to(w_dtype)
+        return grad_h.mul_(grad_loss).to(h_dtype), grad_weight, None, None, None, None, None
 
 
 @torch.compiler.disable  # eager by design: the point is the buffer reuse and GEMM layout, not kernel fusion
@@ -156,7 +163,8 @@ def fused_linear_cross_entropy(
 
     hidden: (..., C) final hidden states; weight: (V, C) output projection; targets: (...) token ids,
     `ignore_index` positions excluded from the mean. Returns a 0-dim fp32 tensor. Differentiable in
-    `hidden` and `weight`. Under autocast the projections run in the autocast dtype, the softmax in fp32.
+    `hidden` and `weight` (none is computed for a weight that does not require one, e.g. a frozen head).
+    Under autocast the projections run in the autocast dtype, the softmax in fp32.
     `workspace_bytes` caps the logits workspace (None: 64 MiB on CPU, 512 MiB on an accelerator).
     """
     if hidden.shape[:-1] != targets.shape:
@@ -177,4 +185,5 @@ def fused_linear_cross_entropy(
         ignore_index,
         workspace_bytes,
         needs_grad,
+        weight.requires_grad,
     )

@@ -102,24 +102,41 @@ def build_peft_model(base: Transformer, cfg: FinetuneConfig, base_reference: str
             module.__dict__.pop("qweight", None)
     model.peft_config["default"].base_model_name_or_path = base_reference
     for module in quantized:
-        if module is not base.lm_head:  # the head's fused loss keeps no weight for backward
+        if module is base.lm_head:  # the head's fused loss keeps no weight for backward
+            lean_quantized_head(module)
+        else:
             recompute_dequantized_weight(module)
     return model
+
+
+def _per_channel_symmetric(module: nn.Module) -> bool:
+    return module.group_size is None and module.symmetric
 
 
 class _DequantizedLinear(torch.autograd.Function):
     """y = x @ dequantize(W).T for a frozen quantized W, keeping only the integer weight for backward:
     autograd would save the fp32 weight F.linear used (the size of the unquantized model, the
-    memory QLoRA is there to avoid); the backward dequantizes it again instead."""
+    memory QLoRA is there to avoid); the backward dequantizes it again instead.
+
+    Per-channel symmetric (int8): the scale factors out of the dot products, y = (x q^T) * scale and
+    dx = (dy * scale) q, so only an int -> float conversion precedes each matmul (the layer's own
+    inference path; no scaled weight is materialised)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         ctx.module = module
+        if _per_channel_symmetric(module):
+            scale = module.weight_scale[:, 0].to(x.dtype)  # (out,)
+            return torch.nn.functional.linear(x, module.int_weight().to(x.dtype)) * scale
         return torch.nn.functional.linear(x, module.dequantize(x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.module.dequantize(grad.dtype), None
+        module = ctx.module
+        if _per_channel_symmetric(module):
+            scale = module.weight_scale[:, 0].to(grad.dtype)
+            return (grad * scale) @ module.int_weight().to(grad.dtype), None
+        return grad @ module.dequantize(grad.dtype), None
 
 
 def recompute_dequantized_weight(module: nn.Module) -> None:
@@ -129,6 +146,35 @@ def recompute_dequantized_weight(module: nn.Module) -> None:
     def forward(self: nn.Module, x: torch.Tensor, targets: torch.Tensor | None = None, **kwargs: Any):
         assert targets is None, "a body layer is never called with targets"
         return _DequantizedLinear.apply(x, self)
+
+    module.forward = types.MethodType(forward, module)
+
+
+def lean_quantized_head(module: nn.Module) -> None:
+    """Make a quantized output head (frozen) dequantize its weight in place for the fused loss: one
+    fp32 vocabulary-sized matrix alive at the end of the forward pass instead of two (the converted
+    integers and the scaled copy `dequantize` returns); same values, (q - zero_point) * scale. With
+    the head frozen the fused loss computes no weight gradient either. Logits (no targets): as before."""
+    import types
+
+    from lmforge.model.fused_loss import fused_linear_cross_entropy
+
+    plain = type(module).forward
+
+    def forward(
+        self: nn.Module, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
+    ) -> torch.Tensor:
+        if targets is None:
+            return plain(self, x)
+        groups = self.weight_scale.shape[1]
+        w = self.int_weight().to(x.dtype).view(self.out_features, groups, -1)  # (out, G, in/G)
+        zp = self.zero_point()
+        if zp is not None:
+            w.sub_(zp.to(x.dtype).unsqueeze(-1))
+        w.mul_(self.weight_scale.to(x.dtype).unsqueeze(-1))
+        return fused_linear_cross_entropy(
+            x, w.view(self.out_features, self.in_features), targets, ignore_index=ignore_index
+        )
 
     module.forward = types.MethodType(forward, module)
 
@@ -172,6 +218,10 @@ class FinetuneTask(TrainTask):
         return SFTDataset(rows, seed=c.seed, rank=env.rank, world_size=env.world_size, shuffle=shuffle)
 
     def train_data(self, cfg: PretrainConfig, env: RunEnv) -> SFTDataset:
+        if self.cfg.method != "full":
+            # imported here, before the loop notes the memory in use before the model is built, so
+            # train/peak_train_mem_gb counts training, not the ~0.1 GB of peft + transformers code
+            import peft.tuners.lora  # noqa: F401
         return self._dataset(self.cfg.data.train, env, "data.train", self.cfg.data.shuffle)
 
     def val_data(self, cfg: PretrainConfig, env: RunEnv) -> SFTDataset | None:

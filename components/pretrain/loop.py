@@ -69,6 +69,7 @@ def train(
 
     # ---- model: identical initial weights on every rank (same seed, built on CPU)
     torch.manual_seed(cfg.seed)
+    mem_before_model = _resident_memory_gb(env)  # the process (imports, data) before any weight exists
     model = task.build_model(cfg, model_cfg)
 
     # ---- strategy (DDP / FSDP / DeepSpeed + activation checkpointing + compile), AdamW, schedule
@@ -141,6 +142,9 @@ def train(
                 "train/tokens_per_s": tokens_per_s,
                 "train/tokens_seen": float(tokens_seen),
                 "train/peak_mem_gb": _peak_memory_gb(env),
+                # training memory: peak minus the process before the model was built (on CUDA the
+                # allocated peak, which holds no runtime anyway)
+                "train/peak_train_mem_gb": _peak_memory_gb(env) - mem_before_model,
             }
             if peak_flops:
                 record["train/mfu"] = flops_per_token * tokens_per_s / (peak_flops * env.world_size)
@@ -251,6 +255,17 @@ def _peak_flops(cfg: PretrainConfig, env: RunEnv) -> float | None:
             if key in name:
                 return tflops * 1e12
     return None
+
+
+def _resident_memory_gb(env: RunEnv) -> float:
+    """GPU memory allocated by torch now, or the process's resident memory now on CPU (Linux; else 0)."""
+    if env.device.type == "cuda":
+        return torch.cuda.memory_allocated(env.device) / 1e9
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 1e9
+    except OSError:
+        return 0.0
 
 
 def _peak_memory_gb(env: RunEnv) -> float:

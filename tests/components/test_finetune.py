@@ -70,8 +70,9 @@ def test_base_model_required() -> None:
         load_finetune_config(None, ["data.train=t.jsonl"])
 
 
-def test_demo_config_validates() -> None:
-    cfg = load_finetune_config(REPO / "configs" / "finetune-demo.yaml", [])
+@pytest.mark.parametrize("name", ["finetune-demo.yaml", "finetune-smollm2.yaml"])
+def test_demo_config_validates(name: str) -> None:
+    cfg = load_finetune_config(REPO / "configs" / name, [])
     assert cfg.method == "lora" and cfg.data.format == "instruction"
     assert cfg.to_train_config().data.seq_len == cfg.max_seq_len
 
@@ -248,6 +249,8 @@ def test_lora_writes_a_peft_adapter_recording_the_base(lora_run, base_dir: Path)
     assert all(".lora_A." in k or ".lora_B." in k for k in weights)
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # it trained
     assert result.metrics["model/trainable_pct"] < 10 and result.data_stats["train"]["kept"] == 16
+    # training memory: the peak minus the process before the model was built
+    assert 0 < result.metrics["train/peak_train_mem_gb"] < result.metrics["train/peak_mem_gb"]
 
 
 def test_only_adapter_parameters_change(lora_run, base_dir: Path) -> None:

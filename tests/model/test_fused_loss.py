@@ -38,6 +38,23 @@ def test_loss_and_gradients_match_reference(workspace_bytes):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_frozen_weight_gets_no_gradient_and_the_same_hidden_gradient():
+    """A frozen head (LoRA / QLoRA fine-tuning): no weight gradient is formed, the hidden one is unchanged."""
+    torch.manual_seed(0)
+    h0, w0 = torch.randn(2, 9, 16), torch.randn(100, 16) * 0.3
+    targets = torch.randint(0, 100, (2, 9))
+    targets[1, 4:] = -100
+    (h1,) = leaves(h0)
+    reference(h1, w0, targets).backward()
+    (h2,) = leaves(h0)
+    weight = w0.clone()  # requires_grad False
+    out = fused_linear_cross_entropy(h2, weight, targets, workspace_bytes=100 * 4 * 5)
+    assert out.grad_fn is not None
+    out.backward()
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
+    assert weight.grad is None
+
+
 def test_upstream_gradient_scales_both_gradients():
     torch.manual_seed(1)
     h0, w0 = torch.randn(8, 4), torch.randn(10, 4)
