@@ -240,12 +240,15 @@ class RegistryClient:
 
     def download(self, version: ResolvedVersion, cache_dir: str | os.PathLike | None = None) -> Path:
         """The version's model directory on local disk (downloaded once per version into the cache,
-        atomically: a half-finished download is never mistaken for a model)."""
+        atomically: a half-finished download is never mistaken for a model). A cached copy is used
+        only when it came from this version's source: another store's version with the same name and
+        number (a registry deleted and filled again) is downloaded afresh."""
         import mlflow.artifacts
 
         root = Path(cache_dir) if cache_dir else default_cache_dir()
         target = root / _safe(version.name) / version.version
-        if (target / _COMPLETE).is_file():
+        marker = target / _COMPLETE
+        if marker.is_file() and marker.read_text(encoding="utf-8").strip() == version.source:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=target.parent))

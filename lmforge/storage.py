@@ -14,8 +14,11 @@ name the variable or file, never the value.
 
 What uses it:
 - `ray_storage("s3://bucket/ckpt")` -> `("bucket/ckpt", pyarrow S3FileSystem)` for Ray Train's
-  `RunConfig(storage_path=..., storage_filesystem=...)` (checkpoints in MinIO);
+  `RunConfig(storage_path=..., storage_filesystem=...)`: checkpoints in MinIO when a pretraining or
+  fine-tuning config sets `checkpoint.storage: s3://...` (components/pretrain/trainer.py);
 - `upload_dir` / `download_dir`: curated data, shards, model directories, to and from `s3://`;
+- (not here: the KFP pipeline root, `lmforge pipeline ... --pipeline-root s3://...`, is written by
+  the KFP backend's launcher with its own S3 settings; pipelines/pipeline.py)
 - `configure_mlflow()`: exports `MLFLOW_S3_ENDPOINT_URL` and the AWS variables boto3 reads, so an
   MLflow client or `mlflow server --artifacts-destination s3://...` stores artifacts in MinIO.
 """

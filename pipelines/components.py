@@ -142,11 +142,16 @@ def finetune(config: str, model: Input[Model], tuned: Output[Model], metrics: Ou
     steps.log_metrics(metrics, values)
 
 
-def quantize(config: str, model: Input[Model], quantized: Output[Model], metrics: Output[Metrics]):
-    """Quantize the model's weights (`lmforge quantize`); the input as it is when quantize.method is empty."""
+def quantize(
+    config: str, model: Input[Model], data: Input[Dataset], quantized: Output[Model], metrics: Output[Metrics]
+):
+    """Quantize the model's weights (`lmforge quantize`), calibrated on the curated train split; the
+    input as it is when quantize.method is empty."""
     from lmforge.pipelines import steps
 
-    values, lineage = steps.quantize(config, model.path, quantized.path, model.metadata.get("lineage", {}))
+    values, lineage = steps.quantize(
+        config, model.path, quantized.path, model.metadata.get("lineage", {}), data_dir=data.path
+    )
     quantized.metadata["lineage"] = lineage
     steps.log_metrics(metrics, values)
 

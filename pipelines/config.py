@@ -4,7 +4,8 @@
 section on its own (types, ranges, names) while the YAML is read. `LifecycleConfig.check()` then
 builds the pretraining config with this run's paths and checks what only the sections together
 can tell (a model vocabulary smaller than the tokenizer's, an evaluation split curation never
-fills). `run_lifecycle` calls it first, so a bad value fails before curation touches the workdir.
+fills). `lmforge run` (`local.run_pipeline_locally`) calls it first, so a bad value fails before
+curation touches the workdir.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from lmforge.components.curate.config import CurateConfig
 from lmforge.components.pretrain.config import PretrainConfig
+from lmforge.components.quantize import METHODS
 from lmforge.errors import InputNotFoundError
 from lmforge.model.config import ConfigError
 
@@ -108,7 +110,9 @@ class FinetuneSection:
             raise ConfigError("overrides must be KEY=VALUE strings")
 
 
-QUANTIZE_METHODS = ("int8", "int4")
+QUANTIZE_METHODS = (
+    METHODS  # int8, int4, int4-awq, int4-gptq (the calibrated two read the curated train split)
+)
 
 
 @dataclass
@@ -117,10 +121,19 @@ class QuantizeSection:
 
     method: str = ""
     group_size: int = 64
+    # calibration (the curated train split; int4-awq / int4-gptq need it, the others report the loss
+    # on it before and after): None = `lmforge quantize`'s defaults
+    num_sequences: int | None = None
+    seq_len: int | None = None
+    min_sequences: int | None = None
 
     def __post_init__(self) -> None:
         if self.method == "none":
             self.method = ""
+        for name, low in (("num_sequences", 1), ("seq_len", 2), ("min_sequences", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.method and self.method not in QUANTIZE_METHODS:
             raise ConfigError(
                 f"method must be one of {', '.join(QUANTIZE_METHODS)} or empty, got {self.method!r}"
@@ -170,11 +183,14 @@ class LifecycleConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)
     register: RegisterSection = field(default_factory=RegisterSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
-    # pipeline-only sections (`lmforge pipeline`, `lmforge run --kfp`); the in-process run ignores them
+    # what follows pretraining in the pipeline (finetune and quantize pass the model through when off)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     quantize: QuantizeSection = field(default_factory=QuantizeSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     gate: GateSection = field(default_factory=GateSection)
+    # KFP pipeline root of cluster runs (`lmforge pipeline submit`): s3://BUCKET/PREFIX (MinIO/S3) where
+    # the backend stores every task's artifacts; None = the backend's default. kfp.local ignores it.
+    pipeline_root: str | None = None
 
     def __post_init__(self) -> None:
         if not self.workdir:

@@ -1,13 +1,20 @@
-"""The pipeline on this machine: the same `@dsl.pipeline` through `kfp.local`, embedded defaults.
+"""`lmforge run`: the same `@dsl.pipeline` the cluster runs, on this machine through `kfp.local`.
 
-    result = run_pipeline_locally(cfg, log=print)
+    result = run_pipeline_locally(cfg, log=print)          # resume=True, overwrite=True: the flags
 
 `kfp.local.SubprocessRunner(use_venv=False)` runs each component as a subprocess of this Python
 (the installed lmforge, no image, no pip step); artifacts land under `<workdir>/kfp/<run>/<task>/`.
 Re-running reuses unchanged steps through kfp.local's task cache (`<workdir>/kfp-cache`, keyed on a
 task's arguments, which hold its config sections, the upstream artifacts' locations and, for
 curation, the content hash of the input files): a changed section re-runs its step, whose new
-outputs re-run every step after it. `overwrite=True` runs everything afresh.
+outputs re-run every step after it. `overwrite=True` runs everything afresh (and removes
+`<workdir>/pretrain/`). Pretraining keeps its checkpoints at `<workdir>/pretrain/<key>/` (see
+`steps.pretrain`): an interrupted pretraining is continued with `resume=True` (`lmforge run --resume`).
+
+Records: `<workdir>/run.json` is the last run that succeeded (tasks, MLflow parent run, registered
+model, sample generations), replaced only by another success; `<workdir>/run.partial.json` the run
+in progress or the last one that failed (with its error). The samples are generated at the end, in
+this process, from the registered model (the promoted alias when the gate passed).
 
 Tracking: one MLflow parent run per pipeline run is opened here, and every stage nests its run
 under it (see `steps.py`). Ray starts in-process inside the training components, as
@@ -25,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -37,7 +45,7 @@ from typing import Any
 from lmforge.config import to_dict
 from lmforge.errors import InputNotFoundError, UserError
 from lmforge.pipelines.config import LifecycleConfig
-from lmforge.pipelines.run_record import file_sha256, now, write_json_atomic
+from lmforge.pipelines.run_record import RunRecord, file_sha256
 
 LOCAL_IMAGE = "lmforge-local"  # never pulled: SubprocessRunner runs in this interpreter
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -61,6 +69,10 @@ class LocalRun:
     tracking_uri: str
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> status, seconds
     seconds: float = 0.0
+    registered: str | None = None  # models:/NAME@ALIAS: the promoted alias, else register.alias
+    version: str | None = None  # the version that alias names
+    samples: list[dict[str, Any]] = field(default_factory=list)  # prompt, completion, tokens
+    record_path: Path | None = None  # <workdir>/run.json
 
     def artifact(self, task: str, name: str) -> Path | None:
         """Where task `task`'s output `name` is: in this run, or for a task reused from the cache, in
@@ -171,18 +183,25 @@ def run_pipeline_locally(
     *,
     log: Callable[[str], None] = print,
     overwrite: bool = False,
+    resume: bool = False,
     base_model: str = "",
     verbose: bool = False,
+    samples: bool = True,
 ) -> LocalRun:
     """Run the pipeline with kfp.local; raises StageFailed naming the failed stage and its error.
     The console gets one line per stage event; kfp.local's full log (every task's output) goes to
-    <workdir>/pipeline.log, and to the console as well with `verbose`."""
+    <workdir>/pipeline.log, and to the console as well with `verbose`. `resume` continues an
+    interrupted pretraining; `overwrite` runs every task afresh; `samples`: generate the config's
+    `generate.prompts` from the registered model at the end."""
     from kfp import local
 
+    from lmforge.components.curate.config import public_dict
     from lmforge.pipelines import steps
     from lmforge.pipelines.pipeline import build_pipeline
     from lmforge.tracking import default_tracking_uri
 
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pass one of them")
     cfg.check()  # every section validated, inputs present, before anything runs
     cfg.check_pipeline_sections()
     _check_files(cfg)
@@ -192,11 +211,18 @@ def run_pipeline_locally(
     args = pipeline_arguments(cfg)
     tracking_uri = default_tracking_uri()
     pipeline_run_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    record = RunRecord(work, {**to_dict(cfg), "curate": public_dict(cfg.curate)})
+    record.data["pipeline_run_id"] = pipeline_run_id
+    record.save()
+    if overwrite:  # the pretraining checkpoints outlive the task cache: start those afresh too
+        shutil.rmtree(work / "pretrain", ignore_errors=True)
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "LMFORGE_PIPELINE_RUN_ID": pipeline_run_id}
+    env["LMFORGE_PRETRAIN_RESUME"] = "1" if resume else ""
     saved = {k: os.environ.get(k) for k in [*env, "LMFORGE_MLFLOW_PARENT_RUN"]}
     os.environ.update(env)
     parent = steps.start_tracking(args["config"], pipeline_run_id, "lmforge")
     os.environ["LMFORGE_MLFLOW_PARENT_RUN"] = parent
+    record.data.update(mlflow_run_id=parent, tracking_uri=tracking_uri)
 
     root = work / "kfp"
     before = set(root.glob("lmforge-*")) if root.is_dir() else set()
@@ -210,56 +236,101 @@ def run_pipeline_locally(
     log_path = work / "pipeline.log"
     log(f"lmforge run: pipeline run {pipeline_run_id}; full log in {log_path}")
     status, stdout = "FAILED", sys.stdout
-    with open(log_path, "w", encoding="utf-8") as log_file, warnings.catch_warnings():
-        # kfp.local warns that a non-Python image name runs in this interpreter: that is the intent
-        warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-        # ... and that resource requests mean nothing here (the README lists what kfp.local ignores)
-        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        sys.stdout = events = _Console(stdout, log_file, log, verbose)
-        # kfp.local logs a cache hit outside its own log context, at INFO: catch it here
-        root_logger, hits = logging.getLogger(), logging.StreamHandler(events)
-        hits.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
-        level = root_logger.level
-        root_logger.setLevel(logging.INFO)
-        root_logger.addHandler(hits)
-        try:
-            build_pipeline(LOCAL_IMAGE, gpus=0, retries=0)(base_model=base_model, **args)
-            if events.failed:
-                raise StageFailed(_failure(events.failed[0], events.lines))
-            status = "FINISHED"
-        finally:
-            root_logger.removeHandler(hits)
-            root_logger.setLevel(level)
-            sys.stdout = stdout
-            steps.finish_tracking(parent, status)
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-    new = sorted(set(root.glob("lmforge-*")) - before)
-    result = LocalRun(
-        workdir=work,
-        run_dir=new[-1] if new else root,
-        pipeline_run_id=pipeline_run_id,
-        mlflow_run_id=parent,
-        tracking_uri=tracking_uri,
-        steps=events.steps,
-        seconds=round(time.perf_counter() - start, 2),
-    )
-    write_json_atomic(
-        work / "pipeline-run.json",
-        {
-            "pipeline_run_id": pipeline_run_id,
-            "finished_at": now(),
-            "run_dir": str(result.run_dir),
-            "mlflow_run_id": parent,
-            "tracking_uri": tracking_uri,
-            "steps": result.steps,
-            "seconds": result.seconds,
-        },
-    )
+    events = _Console(stdout, io.StringIO(), log, verbose)
+    try:
+        with open(log_path, "w", encoding="utf-8") as log_file, warnings.catch_warnings():
+            # kfp.local warns that a non-Python image name runs in this interpreter: that is the intent
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            # ... and that resource requests mean nothing here (the README lists what kfp.local ignores)
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+            sys.stdout = events = _Console(stdout, log_file, log, verbose)
+            # kfp.local logs a cache hit outside its own log context, at INFO: catch it here
+            root_logger, hits = logging.getLogger(), logging.StreamHandler(events)
+            hits.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+            level = root_logger.level
+            root_logger.setLevel(logging.INFO)
+            root_logger.addHandler(hits)
+            try:
+                build_pipeline(LOCAL_IMAGE, gpus=0, retries=0)(base_model=base_model, **args)
+                if events.failed:
+                    raise StageFailed(_failure(events.failed[0], events.lines))
+                status = "FINISHED"
+            finally:
+                root_logger.removeHandler(hits)
+                root_logger.setLevel(level)
+                sys.stdout = stdout
+                steps.finish_tracking(parent, status)
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+        new = sorted(set(root.glob("lmforge-*")) - before)
+        result = LocalRun(
+            workdir=work,
+            run_dir=new[-1] if new else root,
+            pipeline_run_id=pipeline_run_id,
+            mlflow_run_id=parent,
+            tracking_uri=tracking_uri,
+            steps=events.steps,
+            record_path=record.path,
+        )
+        record.data.update(run_dir=str(result.run_dir), steps=result.steps)
+        result.registered, result.version = registered_model(cfg, tracking_uri)
+        if samples and result.registered:
+            log(f"lmforge run: generating samples from {result.registered} ...")
+            result.samples = generate_samples(cfg, result.registered, tracking_uri)
+        result.seconds = round(time.perf_counter() - start, 2)
+        record.data.update(
+            registered=result.registered,
+            registered_version=result.version,
+            samples=result.samples,
+            seconds=result.seconds,
+        )
+    except KeyboardInterrupt:
+        record.data["steps"] = events.steps
+        record.finish("interrupted", "interrupted by the user")
+        raise
+    except BaseException as err:
+        record.data["steps"] = events.steps
+        record.finish("failed", str(err))
+        raise
+    record.finish("succeeded")
     return result
+
+
+def registered_model(cfg: LifecycleConfig, tracking_uri: str) -> tuple[str | None, str | None]:
+    """`models:/NAME@ALIAS` for the run's model (the version `register.alias` names): the promoted
+    alias when it names that version too (the gate passed), else the registration alias; (None,
+    None) when nothing is registered."""
+    from lmforge.registry import RegistryClient, RegistryError
+
+    name = cfg.register.model_name
+    try:
+        aliases = {k: str(v) for k, v in RegistryClient(tracking_uri).aliases(name).items()}
+    except RegistryError:
+        return None, None
+    version = aliases.get(cfg.register.alias)
+    if version is None:
+        return None, None
+    promoted = cfg.gate.promote_alias
+    alias = promoted if aliases.get(promoted) == version else cfg.register.alias
+    return f"models:/{name}@{alias}", version
+
+
+def generate_samples(cfg: LifecycleConfig, model: str, tracking_uri: str) -> list[dict[str, Any]]:
+    """Continue each of `generate.prompts` with the registered model (fetched from the registry,
+    as `lmforge serve --model` does)."""
+    from lmforge.registry import RegistryClient
+    from lmforge.serving.textgen import generate_from_dir
+
+    registry = RegistryClient(tracking_uri)
+    model_dir = registry.download(registry.resolve(model))
+    out = []
+    for i, prompt in enumerate(cfg.generate.prompts):
+        result = generate_from_dir(model_dir, prompt, cfg.generate.sampling(i))
+        out.append({"prompt": prompt, "completion": result.text, "tokens": len(result.token_ids)})
+    return out
 
 
 _ERROR_LINE = re.compile(

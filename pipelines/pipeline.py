@@ -48,14 +48,18 @@ def build_pipeline(
     memory: str = "16G",
     env_config_map: str = "",
     s3_secret: str = "",
+    pipeline_root: str = "",
 ) -> Callable[..., Any]:
     """The @dsl.pipeline for `image`. Training tasks request `gpus` accelerators of type `accelerator`
     (0: none), `cpu` and `memory`; data tasks retry `retries` times; everything but promotion is
     cached on its inputs. On a cluster, `env_config_map` (the chart's `<release>-env`) and `s3_secret`
     (its `s3.existingSecret`) become every task's environment (kfp-kubernetes), so the tasks track to
     the cluster's MLflow, write to its MinIO and train on its KubeRay cluster; credentials stay in the
-    Secret (the compiled YAML names it, never its values). kfp.local ignores both."""
+    Secret (the compiled YAML names it, never its values). kfp.local ignores both. `pipeline_root`
+    (s3://BUCKET/PREFIX, minio://..., gs://...; see `check_pipeline_root`) becomes the compiled
+    pipeline's default root: where the backend stores every task's output artifacts."""
     c = components.build(image)
+    root = check_pipeline_root(pipeline_root) if pipeline_root else None
 
     def settings(task, name: str, cache: bool = True):
         task.set_caching_options(cache)
@@ -79,7 +83,12 @@ def build_pipeline(
     def after_model(cfg, data, model) -> None:
         """finetune -> quantize -> evaluate -> register -> (gate passed) promote -> deploy."""
         tuned = settings(c.finetune(config=cfg.outputs["finetune"], model=model), "finetune")
-        quant = settings(c.quantize(config=cfg.outputs["quantize"], model=tuned.outputs["tuned"]), "quantize")
+        quant = settings(
+            c.quantize(
+                config=cfg.outputs["quantize"], model=tuned.outputs["tuned"], data=data.outputs["data"]
+            ),
+            "quantize",
+        )
         final = quant.outputs["quantized"]
         evaluation = settings(
             c.evaluate(config=cfg.outputs["evaluate"], model=final, data=data.outputs["data"]), "evaluate"
@@ -101,6 +110,7 @@ def build_pipeline(
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
+        pipeline_root=root,
         description="lmforge: curate -> tokenizer -> tokenize -> pretrain (or a base model) -> finetune -> "
         "quantize -> evaluate -> register -> promote and deploy when the gate passed",
     )
@@ -152,6 +162,26 @@ def build_pipeline(
             after_model(cfg, data, base.outputs["model"])
 
     return lmforge_pipeline
+
+
+PIPELINE_ROOT_SCHEMES = ("s3://", "minio://", "gs://")
+
+
+def check_pipeline_root(uri: str) -> str:
+    """A KFP pipeline root for a cluster run: an object-store URI the backend's launcher writes
+    artifacts to (s3://BUCKET/PREFIX on MinIO or S3, minio://BUCKET/PREFIX for the MinIO KFP ships
+    with, gs://...). kfp.local takes only a local folder, so `lmforge run` keeps <workdir>/kfp."""
+    from lmforge.errors import UserError
+
+    uri = uri.strip().rstrip("/")
+    rest = uri.partition("://")[2]
+    if not uri.startswith(PIPELINE_ROOT_SCHEMES) or not rest.split("/", 1)[0]:
+        expected = ", ".join(f"{s}BUCKET/PREFIX" for s in PIPELINE_ROOT_SCHEMES)
+        raise UserError(
+            f"pipeline root {uri!r}: expected {expected} "
+            "(a local folder works only for kfp.local, which `lmforge run` uses)"
+        )
+    return uri
 
 
 def compile_pipeline(output: str | Path, image: str = DEFAULT_IMAGE, **options: Any) -> Path:

@@ -102,8 +102,14 @@ def submit(
     client: Any = None,
     **options: Any,
 ) -> Submitted:
-    """Start a run of the pipeline with this config on the backend at `host`."""
+    """Start a run of the pipeline with this config on the backend at `host`. Its artifacts go to
+    `pipeline_root` (an option, else the config's `pipeline_root`, else the backend's default)."""
     arguments = submit_arguments(cfg)
+    root = options.get("pipeline_root") or cfg.pipeline_root or ""
+    if root:
+        from lmforge.pipelines.pipeline import check_pipeline_root
+
+        options = {**options, "pipeline_root": check_pipeline_root(root)}
     client = make_client(host, client)
     with tempfile.TemporaryDirectory() as tmp:
         package = _compiled(image, tmp, **options)
@@ -113,5 +119,6 @@ def submit(
             run_name=run_name or f"{cfg.register.model_name}",
             experiment_name=experiment,
             enable_caching=caching,
+            pipeline_root=options.get("pipeline_root") or None,
         )
     return Submitted(result.run_id, f"{host.rstrip('/')}/#/runs/details/{result.run_id}")

@@ -1,17 +1,12 @@
-"""What `lmforge run` remembers between runs, in its workdir, and how it decides a step can be reused.
+"""What `lmforge run` records in its workdir, and the content digests the pipeline's lineage uses.
 
 Two files, both written atomically (a temporary file renamed over the old one):
   run.json          the last run that succeeded; replaced only when another run succeeds
   run.partial.json  the run in progress, or the last one that failed or was interrupted (with the
                     error); removed when a run succeeds
-so a failing run never destroys the record of the last good one.
-
-Each step entry holds a *fingerprint*: the SHA-256 of the step's name, the lmforge version, its
-resolved config and the content digests of its inputs (the upstream steps' outputs, or for curation
-the input files themselves). A step is reused when an earlier entry has the same fingerprint and
-its outputs are still on disk with the digest recorded then (`output_sha256`). Because a step's
-inputs are its upstream outputs' digests, a change re-runs that step and every step whose inputs it
-changes: in practice, everything after it.
+so a failing run never destroys the record of the last good one. A record holds the resolved
+config, the pipeline run id, the MLflow parent run, each task's status and time, the registered
+model and the sample generations (`pipelines/local.py` fills it in).
 """
 
 from __future__ import annotations
@@ -27,8 +22,7 @@ from typing import Any
 RECORD = "run.json"
 PARTIAL = "run.partial.json"
 FORMAT = "lmforge-run"
-VERSION = 1
-DONE = ("ran", "reused")  # step statuses whose outputs are complete
+VERSION = 2  # 2: the kfp.local pipeline's record (1 was the in-process sequence's)
 
 
 def now() -> str:
@@ -57,54 +51,13 @@ def files_digest(root: Path, relative_paths: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def tree_digest(root: Path) -> str:
-    """`files_digest` over every regular, non-hidden file under `root`, in sorted order."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory")
-    files = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    return files_digest(root, files)
-
-
-def fingerprint(step: str, config: Any, inputs: dict[str, str | None]) -> str | None:
-    """The step's identity; None (never reusable) when an input has no digest."""
-    if any(v is None for v in inputs.values()):
-        return None
-    from lmforge import __version__
-
-    text = json.dumps(
-        {"step": step, "lmforge": __version__, "config": config, "inputs": inputs},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 # ---- the record ---------------------------------------------------------------------------------
-def _read(path: Path) -> dict[str, Any] | None:
-    """A record written by this version of lmforge, or None (missing, unreadable or another format)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        return None
-    return data
-
-
 class RunRecord:
-    """The record of one run, kept in `run.partial.json` while it runs, plus the earlier records
-    its steps may be reused from."""
+    """The record of one run, kept in `run.partial.json` while it runs."""
 
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
         self.workdir = workdir
         self.path, self.partial_path = workdir / RECORD, workdir / PARTIAL
-        # Newest first: an interrupted or failed attempt knows the current state of the workdir
-        # better than the last successful run does.
-        self._earlier = [r for r in (_read(self.partial_path), _read(self.path)) if r is not None]
         self.data: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
@@ -118,10 +71,6 @@ class RunRecord:
     @property
     def steps(self) -> dict[str, dict[str, Any]]:
         return self.data["steps"]
-
-    def earlier(self, step: str) -> list[dict[str, Any]]:
-        """Entries for `step` in earlier records, newest first."""
-        return [r["steps"][step] for r in self._earlier if isinstance(r.get("steps", {}).get(step), dict)]
 
     def save(self) -> None:
         write_json_atomic(self.partial_path, self.data)

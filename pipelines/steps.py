@@ -34,6 +34,7 @@ from lmforge.pipelines.config import LifecycleConfig
 EXPERIMENT = "lmforge-pipeline"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under this run id
 Result = tuple[dict[str, float], dict[str, str]]  # (metrics, lineage)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ---- config and lineage -------------------------------------------------------------------------
@@ -103,7 +104,8 @@ def log_metrics(metrics_artifact: Any, values: dict[str, Any]) -> None:
 SECTIONS = {  # what each component is given of the config
     "curate": ("inputs", "curate"),
     "tokenizer": ("tokenizer",),
-    "pretrain": ("pretrain", "register"),  # run_name defaults to register.model_name
+    # run_name defaults to register.model_name; the checkpoints live under workdir (see pretrain())
+    "pretrain": ("pretrain", "register", "workdir"),
     "finetune": ("finetune",),
     "quantize": ("quantize",),
     "evaluate": ("evaluate", "gate", "register"),
@@ -287,7 +289,6 @@ def train_tokenizer(
     config_json: str, data_dir: str, tokenizer_dir: str, report_md: str, lineage: dict
 ) -> Result:
     from lmforge.components.tokenizer import train_tokenizer as run_train
-    from lmforge.pipelines.lifecycle import TOKENIZER_FILES
     from lmforge.pipelines.run_record import files_digest
 
     section = load_config(config_json).tokenizer
@@ -319,16 +320,35 @@ def tokenize(data_dir: str, tokenizer_dir: str, shards_dir: str, lineage: dict) 
     return numeric(metrics), lineage
 
 
-def pretrain(config_json: str, shards_dir: str, model_dir: str, loss_png: str, lineage: dict) -> Result:
-    """Pretrain on the shards; the final model is copied into `model_dir` (the Model artifact), the
-    checkpoints stay in a working folder beside it. With $RAY_ADDRESS naming a Ray Jobs endpoint
-    (http://HEAD:8265, a KubeRay cluster) the training runs there as a Ray job whose logs stream
-    here; otherwise Ray starts in-process as `lmforge pretrain` does."""
+def pretrain(
+    config_json: str,
+    shards_dir: str,
+    model_dir: str,
+    loss_png: str,
+    lineage: dict,
+    *,
+    resume: bool | None = None,
+    on_step: Any = None,
+) -> Result:
+    """Pretrain on the shards; the final model is copied into `model_dir` (the Model artifact). With
+    $RAY_ADDRESS naming a Ray Jobs endpoint (http://HEAD:8265, a KubeRay cluster) the training runs
+    there as a Ray job whose logs stream here; otherwise Ray starts in-process as `lmforge pretrain`
+    does.
+
+    The checkpoints stay in a working folder: with an absolute `workdir` in the config (`lmforge
+    run` gives one), `<workdir>/pretrain/<key>/`, the key hashing the pretraining section and the
+    data and tokenizer hashes, so it outlives this task's artifacts. There a pretraining of the
+    same config and data that finished is reused (its model copied, not trained again), and one
+    that was interrupted is continued from its newest checkpoint when `resume` is true (None: from
+    $LMFORGE_PRETRAIN_RESUME=1, which `lmforge run --resume` sets; an environment variable rather
+    than a task argument so the resumed task keeps the cache key of an ordinary one); otherwise
+    it stops and says so, rather than discard that work. Without an absolute workdir the folder
+    sits beside the model artifact. `on_step(step, rank)` goes to the training loop (tests)."""
     import dataclasses
 
     cfg = load_config(config_json)
     raw = json.loads(json.dumps(cfg.pretrain))
-    work = Path(model_dir).parent / "pretrain-work"
+    work = pretrain_workdir(cfg, lineage) or Path(model_dir).parent / "pretrain-work"
     raw["output_dir"] = str(work)
     tracking = raw.setdefault("tracking", {})
     if isinstance(tracking, dict):  # the training run beside its pipeline run (the UI nests it there)
@@ -337,31 +357,90 @@ def pretrain(config_json: str, shards_dir: str, model_dir: str, loss_png: str, l
     pcfg = dataclasses.replace(cfg, pretrain=raw).pretrain_config()
     from lmforge.config import to_dict
 
+    if resume is None:
+        resume = os.environ.get("LMFORGE_PRETRAIN_RESUME", "") == "1"
+    lineage = {**lineage, "base_model": "none (pretrained from scratch)"}
+    summary_file = work / "result.json"
     if os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
         from lmforge.pipelines.ray_jobs import run_stage_job
 
         run_stage_job("pretrain", to_dict(pcfg), work)
-        summary = json.loads((work / "result.json").read_text(encoding="utf-8"))
-        final, run_id, curve, metrics = (
-            Path(summary["model_dir"]),
-            summary.get("mlflow_run_id"),
-            summary.get("loss_curve"),
-            summary.get("metrics", {}),
-        )
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    elif _finished(summary_file):
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        print(f"[pretrain] this config and data were trained before in {work}: reusing its model", flush=True)
+        with stage_run("pretrain", {"reused_from": str(work)}) as (client, run_id):
+            client.set_tag(run_id, "lmforge.reused_run", str(summary.get("mlflow_run_id") or ""))
+            _log_metrics(client, run_id, summary.get("metrics", {}))
+            _tag_lineage(client, run_id, lineage)
+        summary["mlflow_run_id"] = None  # already nested under the pipeline run that trained it
     else:
         from lmforge.components.pretrain.stage import pretrain as run_pretrain
 
-        result = run_pretrain(pcfg, resume=None, verbose=False)
+        result = run_pretrain(pcfg, resume=_resume_spec(pcfg, resume), on_step=on_step, verbose=False)
         if result.model_dir is None:
-            raise UserError(f"pretraining stopped at step {result.step} before it finished")
-        final, run_id, curve = result.model_dir, result.mlflow_run_id, result.loss_curve
-        metrics = {**result.metrics, "steps": result.step}
+            raise UserError(
+                f"pretraining stopped at step {result.step} before it finished (checkpoint "
+                f"{result.checkpoint_dir}); run again with --resume to continue it"
+            )
+        summary = {
+            "model_dir": str(result.model_dir),
+            "mlflow_run_id": result.mlflow_run_id,
+            "loss_curve": str(result.loss_curve) if result.loss_curve else None,
+            "metrics": {**result.metrics, "steps": result.step},
+        }
+        from lmforge.pipelines.run_record import write_json_atomic
+
+        write_json_atomic(summary_file, summary)
+    final, run_id, curve = Path(summary["model_dir"]), summary.get("mlflow_run_id"), summary.get("loss_curve")
     shutil.copytree(final, model_dir, dirs_exist_ok=True)
     if curve and Path(curve).is_file():
         shutil.copyfile(curve, loss_png)
-    lineage = {**lineage, "base_model": "none (pretrained from scratch)"}
     adopt_run(run_id, "pretrain", lineage)
-    return numeric(metrics), lineage
+    return numeric(summary.get("metrics", {})), lineage
+
+
+def pretrain_workdir(cfg: LifecycleConfig, lineage: dict) -> Path | None:
+    """`<workdir>/pretrain/<key>`: where the pretraining of this config and data keeps its
+    checkpoints across pipeline runs; None without an absolute workdir or the data hashes."""
+    data, tokenizer = lineage.get("data_sha256"), lineage.get("tokenizer_sha256")
+    if not cfg.workdir or not Path(cfg.workdir).is_absolute() or not data or not tokenizer:
+        return None
+    import hashlib
+
+    identity = {"pretrain": cfg.pretrain, "run_name": cfg.register.model_name, "data": data, "tok": tokenizer}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg.workdir) / "pretrain" / key
+
+
+def _finished(summary_file: Path) -> bool:
+    """A pretraining in this folder finished and its model is still there."""
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        return (Path(summary["model_dir"]) / "config.json").is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _resume_spec(pcfg: Any, resume: bool) -> str | None:
+    """Continue the checkpoints in the working folder ("auto") or start afresh (None); refuses to
+    start afresh over an interrupted pretraining of the same config and data."""
+    from lmforge.components.pretrain.checkpointing import find_latest
+
+    if pcfg.checkpoint.storage:  # checkpoints on S3: the stage looks for them there
+        return "auto" if resume else None
+    latest = find_latest(pcfg.checkpoints_dir())
+    if latest is None:
+        if resume:
+            print("[pretrain] --resume: no checkpoint of this config and data yet; training from the start")
+        return None
+    if resume:
+        print(f"[pretrain] resuming from {latest}", flush=True)
+        return "auto"
+    raise UserError(
+        f"the pretraining of this config and data in {pcfg.output_dir} did not finish (newest checkpoint: "
+        f"{latest.name}); run again with --resume to continue it, or --overwrite to start afresh"
+    )
 
 
 def import_model(base_model: str, model_dir: str, lineage: dict) -> Result:
@@ -394,6 +473,7 @@ def finetune(config_json: str, model_dir: str, out_dir: str, lineage: dict) -> R
         f"base_model={model_dir}",
         f"output_dir={Path(out_dir).parent / 'finetune-work'}",
         "merge=true",
+        f"tracking.experiment={EXPERIMENT}",  # beside its pipeline run, as pretraining (the UI nests it)
     ]
     if section.lora_rank:
         overrides.append(f"lora.r={section.lora_rank}")
@@ -405,14 +485,28 @@ def finetune(config_json: str, model_dir: str, out_dir: str, lineage: dict) -> R
     return numeric(result.metrics), lineage
 
 
-def quantize(config_json: str, model_dir: str, out_dir: str, lineage: dict) -> Result:
+def quantize(
+    config_json: str, model_dir: str, out_dir: str, lineage: dict, data_dir: str | None = None
+) -> Result:
+    """Quantize `model_dir` into `out_dir` (`lmforge quantize`), calibrated on the curated train split
+    `<data_dir>/train` (int4-awq / int4-gptq need it; the other methods report the loss on it before
+    and after); the model passes through unchanged when quantize.method is empty."""
     section = load_config(config_json).quantize
     if not section.method:
         return _pass_through(model_dir, out_dir, "quantize"), lineage
     from lmforge.components.quantize.stage import quantize as run_quantize
 
+    calibration = Path(data_dir) / "train" if data_dir else None
+    sizes = {k: getattr(section, k) for k in ("num_sequences", "seq_len", "min_sequences")}
     with stage_run("quantize", {"quantize": section.__dict__}) as (client, run_id):
-        result = run_quantize(model_dir, out_dir, method=section.method, group_size=section.group_size)
+        result = run_quantize(
+            model_dir,
+            out_dir,
+            method=section.method,
+            group_size=section.group_size,
+            calibration=calibration,
+            **{k: v for k, v in sizes.items() if v is not None},
+        )
         lineage = {**lineage, "quantization": section.method}
         metrics = numeric(result.report if isinstance(result.report, dict) else {})
         _log_metrics(client, run_id, metrics)
@@ -465,6 +559,7 @@ def evaluate(
         limit=cfg.evaluate.limit,
         batch_size=cfg.evaluate.batch_size,
         train_data=str(Path(data_dir) / "train"),
+        parent_run=parent_run_id(),  # nested under the pipeline's run, in its experiment
     )
     shutil.copyfile(Path(out_dir) / "report.md", report_md)
     passed = bool(result.gate_passed)

@@ -27,3 +27,13 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         except OSError:
             time.sleep(0.3)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server process started by a test (kill it if it does not exit within 30 s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -59,7 +59,11 @@ def evaluate(
     device: str = "cpu",
     overrides: list[str] | None = None,
     tracking_uri: str | None = None,
+    parent_run: str | None = None,
 ) -> EvalResult:
+    """Run `suite` on `model` (and `baseline`), judge `gate`, write the report into `output` and log
+    an MLflow run: in the `lmforge-evaluate` experiment, or nested under `parent_run` (a pipeline
+    run's parent run: same experiment, `mlflow.parentRunId` tag)."""
     from lmforge.devices import check_device
     from lmforge.registry import RegistryClient
 
@@ -98,7 +102,9 @@ def evaluate(
             gate_cfg, metrics["tasks"], metrics["baseline"]["tasks"] if base_source else None
         )
     files = write_outputs(out_dir, metrics, samples)
-    run_id = log_to_mlflow(registry, metrics, files, source, base_source, suite, limit, batch_size, device)
+    run_id = log_to_mlflow(
+        registry, metrics, files, source, base_source, suite, limit, batch_size, device, parent_run=parent_run
+    )
     gate_passed = metrics["gate"]["passed"] if gate_cfg is not None else None
     return EvalResult(out_dir, metrics, gate_passed, run_id)
 
@@ -219,9 +225,11 @@ def log_to_mlflow(
     limit: int | None,
     batch_size: int,
     device: str,
+    parent_run: str | None = None,
 ) -> str:
-    """One run in the `lmforge-evaluate` experiment: params, every metric as TASK.METRIC, the files
-    as artifacts, tag gate=passed|failed; a registered model version gets the verdict as tags too."""
+    """One run in the `lmforge-evaluate` experiment (or nested under `parent_run`, in its experiment):
+    params, every metric as TASK.METRIC, the files as artifacts, tag gate=passed|failed; a registered
+    model version gets the verdict as tags too."""
     from lmforge.tracking import experiment_id
 
     client = registry.client
@@ -229,7 +237,12 @@ def log_to_mlflow(
     tags = {"model": source.label}
     if gate is not None:
         tags["gate"] = "passed" if gate["passed"] else "failed"
-    run = client.create_run(experiment_id(client, EXPERIMENT, registry.artifact_root), tags=tags)
+    if parent_run:
+        experiment = client.get_run(parent_run).info.experiment_id
+        tags["mlflow.parentRunId"] = parent_run
+    else:
+        experiment = experiment_id(client, EXPERIMENT, registry.artifact_root)
+    run = client.create_run(experiment, run_name="evaluate" if parent_run else None, tags=tags)
     run_id = run.info.run_id
     try:
         params = {

@@ -91,7 +91,7 @@ def finetune(
     prep = preflight(cfg)
     cfg = prep.cfg
     train_cfg = cfg.to_train_config()
-    start = checkpointing.resolve_resume(resume, cfg.checkpoints_dir())
+    start = checkpointing.resolve_resume(resume, cfg.checkpoints_dir(), cfg.checkpoint.storage)
     previous = checkpointing.read_state(start) if start is not None else {}
 
     out = Path(cfg.output_dir)

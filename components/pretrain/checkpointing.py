@@ -163,11 +163,15 @@ def find_latest(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(spec: str | None, checkpoints_dir: Path) -> Path | None:
+def resolve_resume(spec: str | None, checkpoints_dir: Path, storage: str | None = None) -> Path | None:
     """Turn `--resume` (None, "auto" or a path) into the checkpoint to start from.
 
     Without --resume an output directory that already holds checkpoints is refused rather than
-    silently overwritten or silently continued."""
+    silently overwritten or silently continued. With `storage` (checkpoint.storage, s3://) the
+    checkpoints are looked for there; "auto" downloads the newest into `checkpoints_dir` (the
+    driver reads its state; Ray's workers restore it from S3 themselves)."""
+    if storage:
+        return _resolve_remote(spec, checkpoints_dir, storage)
     existing = find_latest(checkpoints_dir)
     if spec is None:
         if existing is not None:
@@ -179,6 +183,18 @@ def resolve_resume(spec: str | None, checkpoints_dir: Path) -> Path | None:
         return None
     if spec == "auto":
         return existing
+    chosen = _explicit_checkpoint(spec)
+    if existing is not None and existing.resolve() != chosen.resolve():
+        raise CheckpointError(
+            f"--resume {spec}: {checkpoints_dir} already holds checkpoints of another run "
+            f"(latest: {existing.name}); "
+            "resume into a fresh output_dir, or use --resume auto to continue the run that is there"
+        )
+    return chosen
+
+
+def _explicit_checkpoint(spec: str) -> Path:
+    """`--resume PATH`: a checkpoint directory, or a folder whose newest complete checkpoint is used."""
     path = Path(spec).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"--resume {spec}: {path} does not exist")
@@ -195,13 +211,79 @@ def resolve_resume(spec: str | None, checkpoints_dir: Path) -> Path | None:
             raise CheckpointError(
                 f"--resume {spec}: {path} holds no complete checkpoint (step-NNNNNNNN/{STATE_FILE})"
             )
-    if existing is not None and existing.resolve() != chosen.resolve():
-        raise CheckpointError(
-            f"--resume {spec}: {checkpoints_dir} already holds checkpoints of another run "
-            f"(latest: {existing.name}); "
-            "resume into a fresh output_dir, or use --resume auto to continue the run that is there"
-        )
     return chosen
+
+
+# ---- checkpoints in S3 (checkpoint.storage) ---------------------------------------------------
+RUN_DIR_NAME = "checkpoints"  # Ray Train's run directory under its storage_path
+
+
+def remote_run_dir(storage: str) -> tuple[str, Any]:
+    """("bucket/prefix/checkpoints", pyarrow S3 filesystem): where Ray Train writes this run's
+    checkpoints when `checkpoint.storage` is s3://bucket/prefix."""
+    from lmforge.storage import ray_storage
+
+    root, fs = ray_storage(storage)
+    return f"{root}/{RUN_DIR_NAME}", fs
+
+
+def list_remote_checkpoints(storage: str) -> list[str]:
+    """Complete checkpoints under the S3 run directory (filesystem paths), oldest first: a step
+    directory whose trainer_state.json lists only files that are there."""
+    from pyarrow.fs import FileSelector, FileType
+
+    root, fs = remote_run_dir(storage)
+    try:
+        entries = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise CheckpointError(f"checkpoint.storage {storage}: cannot list it ({err})") from None
+    files: dict[str, set[str]] = {}
+    for entry in entries:
+        if entry.type != FileType.File:
+            continue
+        name, _, rest = entry.path[len(root) + 1 :].partition("/")
+        if _NAME.match(name) and rest:
+            files.setdefault(name, set()).add(rest)
+    found = []
+    for name, present in files.items():
+        if STATE_FILE not in present:
+            continue
+        with fs.open_input_stream(f"{root}/{name}/{STATE_FILE}") as fh:
+            try:
+                state = json.loads(fh.read())
+            except json.JSONDecodeError:
+                continue
+        listed = {n for names in state.get("files", {}).values() for n in names}
+        if state.get("format") == FORMAT and listed <= present:
+            found.append((int(_NAME.match(name).group(1)), f"{root}/{name}"))  # type: ignore[union-attr]
+    return [path for _, path in sorted(found)]
+
+
+def download_remote(storage: str, remote: str, local_root: Path) -> Path:
+    """Copy one S3 checkpoint (a path from list_remote_checkpoints) to local_root/step-N (kept when
+    a complete copy is already there)."""
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    _, fs = remote_run_dir(storage)
+    local = Path(local_root) / Path(remote).name
+    if is_complete(local):
+        return local
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    copy_files(remote, str(local.resolve()), source_filesystem=fs, destination_filesystem=LocalFileSystem())
+    return local
+
+
+def _resolve_remote(spec: str | None, checkpoints_dir: Path, storage: str) -> Path | None:
+    found = list_remote_checkpoints(storage)
+    if spec == "auto":
+        return download_remote(storage, found[-1], checkpoints_dir) if found else None
+    if found:
+        raise CheckpointError(
+            f"checkpoint.storage {storage} already holds checkpoints (latest: {Path(found[-1]).name}); "
+            "pass --resume auto to continue that run, or choose another checkpoint.storage"
+        )
+    return None if spec is None else _explicit_checkpoint(spec)
 
 
 # ---- reading ------------------------------------------------------------------------------

@@ -200,10 +200,26 @@ class StrategySection:
 class CheckpointSection:
     every: int = 500  # save every N optimizer steps (and always at the end and on SIGTERM)
     keep_last: int = 3  # older checkpoints are deleted
+    # Where Ray Train keeps the checkpoints: None = <output_dir>/checkpoints; s3://BUCKET/PREFIX = S3 /
+    # MinIO at $LMFORGE_S3_ENDPOINT (Ray Train's storage_path; the run directory is PREFIX/checkpoints,
+    # so `--resume auto` and a restarted worker group find them there). Needs ray.num_workers >= 1.
+    storage: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint", "every", self.every)
         _positive_int("checkpoint", "keep_last", self.keep_last)
+        if self.storage is not None:
+            from lmforge.storage import StorageError, is_s3_uri, split_s3_uri
+
+            if not is_s3_uri(self.storage):
+                raise ConfigError(
+                    f"checkpoint.storage must be an s3://BUCKET/PREFIX URI (or unset for "
+                    f"<output_dir>/checkpoints), got {self.storage!r}"
+                )
+            try:
+                split_s3_uri(self.storage)
+            except StorageError as err:
+                raise ConfigError(f"checkpoint.storage: {err}") from None
 
 
 @dataclass
@@ -287,6 +303,11 @@ class PretrainConfig:
         if self.strategy.name == "deepspeed" and self.strategy.compile:
             raise ConfigError(
                 "strategy.compile is not supported with strategy.name=deepspeed (use ddp or fsdp)"
+            )
+        if self.checkpoint.storage and self.local:
+            raise ConfigError(
+                "checkpoint.storage (s3://) needs Ray Train (ray.num_workers >= 1): an in-process run "
+                "checkpoints to <output_dir>/checkpoints"
             )
 
     # ---- derived figures --------------------------------------------------------------------

@@ -64,7 +64,7 @@ def pretrain(
     what is trained (distillation, pruning recovery); pretraining when None."""
     cfg = absolute_paths(cfg)
     model_cfg, tokenizer_dir = preflight(cfg)
-    start = checkpointing.resolve_resume(resume, cfg.checkpoints_dir())
+    start = checkpointing.resolve_resume(resume, cfg.checkpoints_dir(), cfg.checkpoint.storage)
     previous = checkpointing.read_state(start) if start is not None else {}
 
     out = Path(cfg.output_dir)

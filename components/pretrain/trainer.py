@@ -3,7 +3,9 @@
     ScalingConfig(num_workers, use_gpu, resources_per_worker)   one process per worker, gloo on
                                                                 CPUs, nccl on GPUs
     RunConfig(storage_path=<output_dir>, name="checkpoints")    checkpoints land in
-                                                                <output_dir>/checkpoints/step-N
+                                                                <output_dir>/checkpoints/step-N,
+                                                                or s3://BUCKET/PREFIX/checkpoints/step-N
+                                                                with checkpoint.storage (MinIO / S3)
     FailureConfig(max_failures)                                 a dead worker restarts the group,
                                                                 which resumes from the newest checkpoint
     CheckpointConfig(num_to_keep=checkpoint.keep_last)
@@ -48,7 +50,7 @@ from lmforge.components.pretrain.tracking import open_tracker
 from lmforge.model.config import ModelConfig
 from lmforge.ray_logs import RayLogs, default_log_file
 
-RAY_RUN_NAME = "checkpoints"  # Ray's run directory = <output_dir>/checkpoints
+RAY_RUN_NAME = checkpointing.RUN_DIR_NAME  # Ray's run directory = <output_dir>/checkpoints
 CONSOLE_PREFIX = "[pretrain] "  # rank 0's progress and notices: the worker lines a user sees
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # Forwarded to the workers when set in the driver (they may have been started before it was set).
@@ -225,11 +227,7 @@ def _run_on_ray(
 ) -> tuple[Path | None, dict[str, Any]]:
     started = _ensure_ray(cfg, logs)
     try:
-        run_dir = cfg.checkpoints_dir()
-        if checkpointing.find_latest(run_dir) is None:
-            # Only a previous attempt that never completed a checkpoint can have left a snapshot:
-            # do not let Ray restore it (the start is fresh, or the explicit --resume PATH).
-            (run_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
+        storage_path, storage_fs = _storage(cfg)
         stop_flag = StopFlag.remote()
         trainer = TorchTrainer(
             _worker,
@@ -251,17 +249,48 @@ def _run_on_ray(
             ),
             torch_config=TorchConfig(backend=cfg.strategy.backend or ("nccl" if cfg.ray.use_gpu else "gloo")),
             run_config=RunConfig(
-                storage_path=str(Path(cfg.output_dir).resolve()),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 name=RAY_RUN_NAME,
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             ),
         )
         result = _fit(trainer, stop_flag)
-        checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
-        if checkpoint is not None and not checkpoint.exists():  # remote storage: fetch it for consolidation
-            checkpoint = Path(result.checkpoint.to_directory())
+        checkpoint = None
+        if result.checkpoint is not None and storage_fs is not None:  # S3: fetch it for consolidation
+            checkpoint = checkpointing.download_remote(
+                cfg.checkpoint.storage or "", result.checkpoint.path, cfg.checkpoints_dir()
+            )
+        elif result.checkpoint is not None:
+            checkpoint = Path(result.checkpoint.path)
+            if not checkpoint.exists():  # storage this machine does not see: fetch it for consolidation
+                checkpoint = Path(result.checkpoint.to_directory())
         return checkpoint, dict(result.metrics or {})
     finally:
         if started:
             ray.shutdown()
+
+
+def _storage(cfg: PretrainConfig) -> tuple[str, Any]:
+    """Ray Train's (storage_path, storage_filesystem): <output_dir> locally, or checkpoint.storage on
+    S3 (pyarrow's S3 filesystem at $LMFORGE_S3_ENDPOINT; the credentials travel inside it, never in
+    a log line). Ray restores a run directory's checkpoints from its snapshot file: one left by an
+    attempt that never completed a checkpoint is removed first, so the start is fresh (or the
+    explicit --resume PATH)."""
+    if not cfg.checkpoint.storage:
+        run_dir = cfg.checkpoints_dir()
+        if checkpointing.find_latest(run_dir) is None:
+            (run_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
+        return str(Path(cfg.output_dir).resolve()), None
+    from pyarrow.fs import FileType
+
+    root, fs = checkpointing.remote_run_dir(cfg.checkpoint.storage)
+    snapshot = f"{root}/{SNAPSHOT_FILE}"
+    if not checkpointing.list_remote_checkpoints(cfg.checkpoint.storage):
+        if fs.get_file_info(snapshot).type == FileType.File:
+            fs.delete_file(snapshot)
+    bucket = root.split("/", 1)[0]
+    if fs.get_file_info(bucket).type == FileType.NotFound:  # Ray does not create buckets
+        fs.create_dir(bucket, recursive=False)
+    return root.rsplit("/", 1)[0], fs

@@ -1,10 +1,11 @@
 """`lmforge pipeline compile|upload|submit`: the Kubeflow pipeline of every stage, for a cluster.
 
-    lmforge pipeline compile --output pipeline.yaml --image registry.example.com/lmforge:0.1.0
+    lmforge pipeline compile --output pipeline.yaml --image registry.example.com/lmforge:0.1.0 \
+        --pipeline-root s3://lmforge-kfp/pipeline-root
     lmforge pipeline upload --host https://kfp.example.com --image ...
     lmforge pipeline submit --host https://kfp.example.com --experiment lmforge --config configs/demo.yaml
 
-(`lmforge run --kfp` runs the same pipeline on this machine through kfp.local.)
+(`lmforge run` runs the same pipeline on this machine through kfp.local.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from lmforge.cli._args import add_config_args
 
 IMAGE_ENV = "LMFORGE_IMAGE"
+ROOT_ENV = "LMFORGE_PIPELINE_ROOT"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="NAME",
             help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for every task: the chart's "
             "s3.existingSecret (e.g. lmforge-s3)",
+        )
+        p.add_argument(
+            "--pipeline-root",
+            default=os.environ.get(ROOT_ENV, ""),
+            metavar="URI",
+            help="where the backend stores every task's artifacts: s3://BUCKET/PREFIX (MinIO/S3), "
+            f"minio://BUCKET/PREFIX or gs://... (default ${ROOT_ENV}; submit: else the config's "
+            "pipeline_root, else the backend's default)",
         )
 
     compile_p = verbs.add_parser("compile", help="write the pipeline's IR YAML")
@@ -101,6 +111,7 @@ def _options(args: argparse.Namespace) -> dict:
         "retries": args.retries,
         "env_config_map": args.env_configmap,
         "s3_secret": args.s3_secret,
+        "pipeline_root": args.pipeline_root,
     }
 
 
@@ -108,7 +119,8 @@ def _compile(args: argparse.Namespace) -> int:
     from lmforge.pipelines.pipeline import compile_pipeline
 
     out = compile_pipeline(args.output, args.image, **_options(args))
-    print(f"wrote {out} (image {args.image})")
+    root = f", pipeline root {args.pipeline_root}" if args.pipeline_root else ""
+    print(f"wrote {out} (image {args.image}{root})")
     print(f"run it: kfp run create --experiment-name lmforge --package-file {out}  (or upload it in the UI)")
     return 0
 

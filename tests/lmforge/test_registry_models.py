@@ -132,6 +132,17 @@ def test_bad_registrations_and_versions_are_user_errors(bot, model_dir, tmp_path
         bot.list_models("nobody")
 
 
+def test_cached_download_is_not_taken_from_another_store(tmp_path, model_dir, tokenizer_dir):
+    """Version 1 of a name in a registry made afresh (`make clean`, a new sqlite store) is another
+    model than the cached version 1 of the old store: it is downloaded again, not reused."""
+    cache, other = tmp_path / "cache", make_model_dir(tmp_path, tokenizer_dir, 1)
+    for i, source in enumerate((model_dir, other)):
+        registry = RegistryClient(f"sqlite:///{tmp_path / f'store{i}.db'}", str(tmp_path / f"art{i}"))
+        registry.register_model_dir(source, "same")
+        local = registry.download(registry.resolve("models:/same/1"), cache)
+        assert (local / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+
+
 # ---- promotion and rollback -------------------------------------------------------------------
 def test_promote_refuses_failed_gate_unless_forced_and_rollback_walks_history(tmp_path, model_dir):
     client = RegistryClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

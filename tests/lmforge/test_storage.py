@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _net import free_port, wait_http
+from _net import free_port, stop_process, wait_http
 
 from lmforge.errors import InputNotFoundError
 from lmforge.storage import (
@@ -25,45 +25,6 @@ from lmforge.storage import (
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 BIN = Path(sys.executable).parent
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def moto():
-    """A moto S3 server on a free port; yields its endpoint URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/", proc, timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
-
-
-@pytest.fixture
-def s3_env(moto, monkeypatch):
-    """LMFORGE_S3_ENDPOINT + credentials (the secret from a mounted file), and the MLflow/boto3
-    variables they imply, set for one test only."""
-    monkeypatch.setenv("LMFORGE_S3_ENDPOINT", moto)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    settings = s3_settings()
-    assert settings is not None
-    for key, value in settings.env().items():
-        monkeypatch.setenv(key, value)
-    return settings
 
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -203,6 +164,6 @@ def test_mlflow_server_with_s3_artifact_store(s3_env, tmp_path, tokenizer_dir):
         assert info.aliases == {"champion": "1", "challenger": "2"}
         assert info.versions[0].lineage["data_hash"] == "h1"
     finally:
-        stop(proc)
+        stop_process(proc)
         log.close()
         print((tmp_path / "mlflow-server.log").read_text()[-2000:])  # shown when the test fails

@@ -131,6 +131,38 @@ def test_compile_command_rejects_negative_gpus(tmp_path, capsys) -> None:
     assert "--gpus" in capsys.readouterr().err
 
 
+def test_pipeline_root_is_compiled_in_and_sent_with_the_run(repo_root, tmp_path, capsys) -> None:
+    """A cluster run's artifacts go to MinIO/S3: the root is the compiled pipeline's default and the
+    run's `pipeline_root` (the flag wins over the config's `pipeline_root`); a local folder is refused
+    (kfp.local only)."""
+    out = tmp_path / "pipeline.yaml"
+    argv = ["pipeline", "compile", "--output", str(out), "--image", IMAGE]
+    assert main([*argv, "--pipeline-root", "s3://lmforge-kfp/root/"]) == 0
+    assert yaml.safe_load(out.read_text())["defaultPipelineRoot"] == "s3://lmforge-kfp/root"
+    assert "pipeline root s3://lmforge-kfp/root" in capsys.readouterr().out
+    assert main(argv) == 0 and "defaultPipelineRoot" not in yaml.safe_load(out.read_text())
+
+    client = FakeClient()
+    cfg = load(LifecycleConfig, repo_root / "configs/demo.yaml", ["pipeline_root=s3://from-config/runs"])
+    submit(cfg, "http://kfp", image=IMAGE, client=client)
+    assert client.calls[-1][2]["pipeline_root"] == "s3://from-config/runs"
+    assert client.packages[-1]["defaultPipelineRoot"] == "s3://from-config/runs"
+    submit(cfg, "http://kfp", image=IMAGE, client=client, pipeline_root="minio://mlpipeline/lmforge")
+    assert client.calls[-1][2]["pipeline_root"] == "minio://mlpipeline/lmforge"
+    submit(
+        load(LifecycleConfig, repo_root / "configs/demo.yaml", []), "http://kfp", image=IMAGE, client=client
+    )
+    assert client.calls[-1][2]["pipeline_root"] is None  # the backend's default
+
+    for bad in ("/srv/kfp-root", "s3://", "http://minio:9000/bucket"):
+        assert main([*argv, "--pipeline-root", bad]) == 2
+        assert "expected s3://BUCKET/PREFIX" in capsys.readouterr().err
+    calls = len(client.calls)
+    with pytest.raises(UserError, match="pipeline root"):
+        submit(cfg, "http://kfp", image=IMAGE, client=client, pipeline_root="relative/dir")
+    assert len(client.calls) == calls  # refused before the backend is called
+
+
 # ---- parameters over the config -------------------------------------------------------------------
 def test_resolve_applies_parameters_and_splits_sections(repo_root) -> None:
     cfg = load(LifecycleConfig, repo_root / "configs/demo.yaml")
@@ -144,12 +176,8 @@ def test_resolve_applies_parameters_and_splits_sections(repo_root) -> None:
     )
     assert json.loads(out["curate"])["inputs"] == ["a/b", "s3://bucket/c"]
     assert json.loads(out["pretrain"])["pretrain"]["schedule"]["max_steps"] == 70
-    assert json.loads(out["finetune"])["finetune"] == {
-        "enabled": True,
-        "lora_rank": 4,
-        "config": None,
-        "overrides": [],
-    }
+    finetune = json.loads(out["finetune"])["finetune"]
+    assert finetune["enabled"] is True and finetune["lora_rank"] == 4
     assert json.loads(out["quantize"])["quantize"]["method"] == "int8"
     assert json.loads(out["register"])["register"]["model_name"] == "bot"
     assert set(json.loads(out["tokenizer"])) == {"tokenizer"}  # a component sees only its sections
@@ -321,33 +349,3 @@ def test_local_run_checks_the_pipeline_files_before_anything_runs(repo_root, tmp
     with pytest.raises(InputNotFoundError, match="evaluate.suite: configs/eval-demo.yaml does not exist"):
         run_pipeline_locally(cfg, log=lambda _: None)
     assert not (tmp_path / "work").exists()
-
-
-def test_pipeline_summary_says_where_things_are_and_how_to_serve(repo_root, tmp_path, monkeypatch) -> None:
-    from rich.console import Console
-
-    from lmforge.cli.run import print_pipeline_summary
-    from lmforge.pipelines.local import LocalRun
-
-    monkeypatch.chdir(tmp_path)
-    run_dir = tmp_path / "work" / "kfp" / "lmforge-2026-01-01-00-00-00-000000"
-    (run_dir / "quantize" / "quantized").mkdir(parents=True)
-    (run_dir / "curate").mkdir()
-    (run_dir / "curate" / "datacard").write_text("# Datacard")
-    run = LocalRun(
-        workdir=tmp_path / "work",
-        run_dir=run_dir,
-        pipeline_run_id="local-x",
-        mlflow_run_id="abc",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        steps={"curate": {"status": "reused"}, "pretrain": {"status": "ran", "seconds": 3.0}},
-        seconds=9.5,
-    )
-    cfg = load(LifecycleConfig, repo_root / "configs/demo.yaml")
-    console = Console(record=True, width=200)
-    print_pipeline_summary(run, cfg, console)
-    text = console.export_text()
-    assert "reused" in text and "3.0 s" in text
-    assert "work/kfp/lmforge-2026-01-01-00-00-00-000000/curate/datacard" in text
-    assert "lmforge serve --model work/kfp/lmforge-2026-01-01-00-00-00-000000/quantize/quantized" in text
-    assert "mlflow ui --backend-store-uri" in text

@@ -9,9 +9,10 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.config import load
-from lmforge.errors import InputNotFoundError
+from lmforge.errors import InputNotFoundError, UserError
 from lmforge.model.config import ConfigError
-from lmforge.pipelines.lifecycle import LifecycleConfig, run_lifecycle
+from lmforge.pipelines.config import LifecycleConfig
+from lmforge.pipelines.local import run_pipeline_locally
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_bad_value_fails_before_any_step_and_leaves_the_workdir_alone(
 
     missing = load(LifecycleConfig, overrides=[f"workdir={tmp_path / 'new'}", "curate.split.validation=0"])
     with pytest.raises(ConfigError):
-        run_lifecycle(missing, log=lambda _: None)
+        run_pipeline_locally(missing, log=lambda _: None)
     assert not (tmp_path / "new").exists()
 
 
@@ -81,5 +82,12 @@ def test_missing_local_input_fails_before_any_step(tmp_path: Path) -> None:
         LifecycleConfig, overrides=[f"workdir={tmp_path / 'work'}", f"inputs=[{tmp_path / 'nowhere'}]"]
     )
     with pytest.raises(InputNotFoundError, match="nowhere"):
-        run_lifecycle(cfg, log=lambda _: None)
+        run_pipeline_locally(cfg, log=lambda _: None)
+    assert not (tmp_path / "work").exists()
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path: Path) -> None:
+    cfg = load(LifecycleConfig, overrides=[f"workdir={tmp_path / 'work'}"])
+    with pytest.raises(UserError, match="contradict"):
+        run_pipeline_locally(cfg, log=lambda _: None, resume=True, overwrite=True)
     assert not (tmp_path / "work").exists()
