@@ -340,8 +340,11 @@ def test_fsdp_in_process_resumes_exactly(shards: Path, tmp_path: Path) -> None:
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C checkpoints and stops, like SIGTERM
 
+    # the handler in place before (Python's default_int_handler, or SIG_IGN when the test process was
+    # started in the background by a non-interactive shell) is the one restored afterwards
+    before = signal.getsignal(signal.SIGINT)
     assert pretrain(cfg, on_step=ctrl_c_at_3).preempted
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored afterwards
+    assert signal.getsignal(signal.SIGINT) is before
     fsdp = pretrain(cfg, resume="auto")
     state = checkpointing.read_state(fsdp.checkpoint_dir)
     assert state["strategy"] == "fsdp" and any(f.endswith(".distcp") for f in state["files"]["0"])
