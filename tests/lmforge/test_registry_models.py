@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from _net import free_port, wait_http
+from _net import free_port, stop_process, wait_http
 
 from lmforge.cli import main
 from lmforge.registry import PromotionRefused, RegistryClient, RegistryError
@@ -245,10 +245,5 @@ def test_mlflow_models_serve_answers_invocations(bot, model_dir, tmp_path):
         )
         assert len(chat["predictions"]) == 1
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
