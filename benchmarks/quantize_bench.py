@@ -205,12 +205,14 @@ def text_mode(args) -> None:
     for method in args.methods.split(","):
         out = args.out / method
         if not (args.reuse and (out / "report.json").is_file()):
+            base_method = method.removesuffix("-noact")  # "int4-gptq-noact": GPTQ in column order
             quantize(
                 model_dir,
                 out,
-                method=method,
+                method=base_method,
                 group_size=args.group_size,
-                calibration=calib if method in ("int4-awq", "int4-gptq") else None,
+                gptq_act_order=not method.endswith("-noact"),
+                calibration=calib if base_method in ("int4-awq", "int4-gptq") else None,
                 seq_len=args.calib_len,
                 num_sequences=args.calib_sequences,
                 min_sequences=min(64, args.calib_sequences),

@@ -99,6 +99,7 @@ def quantize(
     num_sequences: int = 256,
     seq_len: int = 128,
     min_sequences: int = 64,
+    gptq_act_order: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
     """Quantize `model` (a directory or models:/ URI) into `output_dir`; see the module docstring."""
@@ -165,8 +166,12 @@ def quantize(
 
         assert ids is not None
         stats = collect_input_stats(net, ids, names, max_rows=1, hessian=True)
-        say("gptq: quantizing with error compensation")
-        params = {n: gptq_quantize(net.get_submodule(n).weight, stats[n].h, scheme) for n in names}
+        say(f"gptq: quantizing with error compensation (act_order={gptq_act_order})")
+        params = {
+            n: gptq_quantize(net.get_submodule(n).weight, stats[n].h, scheme, act_order=gptq_act_order)
+            for n in names
+        }
+        details["gptq_act_order"] = gptq_act_order
         del stats
     else:
         params = {n: rtn(net.get_submodule(n).weight, scheme) for n in names}

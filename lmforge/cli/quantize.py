@@ -14,7 +14,7 @@ import argparse
 
 from lmforge.cli._args import add_set_arg
 
-SETTABLE = ("num_sequences", "seq_len", "min_sequences")
+SETTABLE = ("num_sequences", "seq_len", "min_sequences", "gptq_act_order")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +60,8 @@ def _settings(overrides: list[str]) -> dict[str, int]:
         key, sep, value = item.partition("=")
         if not sep or key not in SETTABLE:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}")
+        if key == "gptq_act_order" and value not in ("0", "1"):
+            raise ConfigError(f"--set gptq_act_order={value!r}: must be 1 (on, default) or 0 (column order)")
         try:
             values[key] = int(value)
         except ValueError:
