@@ -16,7 +16,11 @@ tokenized with the model's tokenizer), scored as bits per byte and per-token per
 --calib-len tokens. Also measured: the memory the loaded engine model holds (parameters and buffers,
 after `share_tied_embedding`), batch-1 decode through the eager engine and (--compile) the compiled
 one-slot engine, and torch's fbgemm dynamic int8 linear (`torch.ao.quantization.quantize_dynamic`,
-activations quantized per tensor at run time) as the library comparison.
+activations quantized per tensor at run time) as the library comparison. `--library torchao` adds what a
+user would pick instead: the Hugging Face export of the same model (`--hf-model`, default DIR-hf as
+written by scripts/fetch_smollm2.py) decoded with transformers `generate()` in fp32 and with torchao's
+int8 weight-only config (`quantize_(model, Int8WeightOnlyConfig())`), same prompt and new tokens, in
+the same process (rows `hf-fp32`, `hf-torchao-int8`; tok/s column only).
 
     .venv/bin/python benchmarks/quantize_bench.py --model ~/.cache/lmforge/models/smollm2-135m-instruct \
         --methods int8,int4,int4-gptq --compile --reuse --out /tmp/lmforge-quantize-bench-smollm2
@@ -164,6 +168,50 @@ def fbgemm_dynamic(model):
     return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
+def hf_generate_tokens_per_s(model, new_tokens: int, repeats: int) -> float:
+    """Median tokens/s of transformers `generate()`: the same 16-token prompt as the engine rows, greedy,
+    exactly `new_tokens` new tokens, after a warm-up."""
+    prompt = torch.arange(5, 21).unsqueeze(0)
+
+    def run() -> int:
+        out = model.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+        return out.shape[1] - prompt.shape[1]
+
+    with torch.inference_mode():
+        run()
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            n = run()
+            rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def torchao_rows(hf_dir: Path, args) -> list[dict]:
+    """transformers fp32 vs transformers + torchao int8 weight-only on the same HF checkpoint."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    for name in ("hf-fp32", "hf-torchao-int8"):
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        if name == "hf-torchao-int8":
+            quantize_(model, Int8WeightOnlyConfig())
+        row = {
+            "variant": name,
+            "stored_bytes": 0,
+            "held_bytes": 0,
+            "tok_s": hf_generate_tokens_per_s(model, args.new_tokens, args.repeats),
+            "load": os.getloadavg(),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del model
+    return rows
+
+
 def text_mode(args) -> None:
     from lmforge.components.quantize.stage import quantize
     from lmforge.model import int8_gemv
@@ -248,6 +296,17 @@ def text_mode(args) -> None:
             f"{r.get('tok_s', nan):>6.1f} {r.get('tok_s', nan) / base.get('tok_s', nan):>6.2f} "
             f"{c or nan:>8.1f} {(c or nan) / base.get('tok_s_compiled', nan):>7.2f}"
         )
+    if "torchao" in args.library and not args.skip_speed:
+        hf_dir = (args.hf_model or model_dir.parent / f"{model_dir.name}-hf").expanduser()
+        hf = torchao_rows(hf_dir, args)
+        rows += hf
+        ratio = hf[1]["tok_s"] / hf[0]["tok_s"]
+        ours = {r["variant"]: r["tok_s"] for r in rows if "tok_s" in r}
+        print(
+            f"transformers generate(): fp32 {hf[0]['tok_s']:.1f} tok/s, torchao int8 weight-only "
+            f"{hf[1]['tok_s']:.1f} tok/s ({ratio:.2f}x fp32); lmforge engine int8 / fp32 (eager): "
+            f"{ours.get('int8', nan) / ours['fp32']:.2f}x"
+        )
     (args.out / "results.json").write_text(json.dumps({"model": str(model_dir), "rows": rows}, indent=2))
 
 
@@ -271,7 +330,13 @@ def main() -> None:
     parser.add_argument("--calib-sequences", type=int, default=128, help="calibration windows (text mode)")
     parser.add_argument("--compile", action="store_true", help="also time the compiled one-slot engine")
     parser.add_argument("--reuse", action="store_true", help="reuse quantized directories under --out")
-    parser.add_argument("--library", default="fbgemm", help="'fbgemm' adds torch's dynamic int8 linear")
+    parser.add_argument(
+        "--library",
+        default="fbgemm",
+        help="comma list: 'fbgemm' adds torch's dynamic int8 linear, 'torchao' transformers + torchao int8 "
+        "weight-only (text mode), 'none'",
+    )
+    parser.add_argument("--hf-model", type=Path, help="HF export of --model for --library torchao")
     parser.add_argument("--skip-quality", action="store_true", help="text mode: no bits/byte (timing only)")
     parser.add_argument("--skip-speed", action="store_true", help="text mode: no decode timing")
     args = parser.parse_args()
