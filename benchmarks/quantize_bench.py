@@ -96,7 +96,12 @@ def decode_tokens_per_s(model, new_tokens: int, repeats: int, compile: bool = Fa
             n += sum(1 for e in engine.step() if e.token_id is not None)
         return n
 
-    run()  # warm-up
+    return median_rate(run, repeats)
+
+
+def median_rate(run, repeats: int) -> float:
+    """Median of `run()`'s returned count per second over `repeats` calls, after one warm-up call."""
+    run()
     rates = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -180,13 +185,7 @@ def hf_generate_tokens_per_s(model, new_tokens: int, repeats: int) -> float:
         return out.shape[1] - prompt.shape[1]
 
     with torch.inference_mode():
-        run()
-        rates = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            n = run()
-            rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+        return median_rate(run, repeats)
 
 
 def torchao_rows(hf_dir: Path, args) -> list[dict]:

@@ -14,6 +14,8 @@ so groups stay contiguous on disk and the stored layout (no g_idx) is the same a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lmforge.components.quantize.methods import Scheme, qparams
@@ -42,45 +44,32 @@ def gptq_quantize(
     if act_order:
         return _gptq_act_order(w, h, scheme, gs, block)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-    q = torch.zeros(out, cols, dtype=torch.int8)
     groups = cols // gs
     scales = torch.zeros(out, groups)
     zps = torch.zeros(out, groups, dtype=torch.int8)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % gs == 0:
-                g = col // gs
-                scale, zp = qparams(w1[:, i : i + gs], Scheme(scheme.bits, None, scheme.symmetric))
-                scales[:, g], zps[:, g] = scale[:, 0], zp[:, 0]
-            g = col // gs
-            s, z = scales[:, g], zps[:, g].float()
-            qc = (torch.round(w1[:, i] / s) + z).clamp(scheme.qmin, scheme.qmax)
-            q[:, col] = qc.to(torch.int8)
-            e = (w1[:, i] - (qc - z) * s) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q, scales, zps
+
+    def group_params(col: int, w1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's scale/zero point from the compensated weights, when the group starts."""
+        g = col // gs
+        if col % gs == 0:
+            scale, zp = qparams(w1[:, i : i + gs], Scheme(scheme.bits, None, scheme.symmetric))
+            scales[:, g], zps[:, g] = scale[:, 0], zp[:, 0]
+        return scales[:, g], zps[:, g].float()
+
+    return _compensate(w, hinv, scheme, block, group_params), scales, zps
 
 
-def _gptq_act_order(
-    w: torch.Tensor, h: torch.Tensor, scheme: Scheme, gs: int, block: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ over columns in decreasing diag(H) order with static (pre-computed, contiguous) groups."""
+def _compensate(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    scheme: Scheme,
+    block: int,
+    params: Callable[[int, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """The GPTQ pass over w's columns in their current order (w is updated in place): each column is
+    rounded with `params(column, block weights, index in block)` and its error spread over the columns
+    after it (lazy block updates). Returns the int8 values (out, in)."""
     out, cols = w.shape
-    scales, zps = qparams(w, Scheme(scheme.bits, scheme.group_size and gs, scheme.symmetric))
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    col_scale = scales[:, perm // gs]  # (out, cols): each permuted column's own group parameters
-    col_zero = zps[:, perm // gs].float()
     q = torch.zeros(out, cols, dtype=torch.int8)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -88,13 +77,28 @@ def _gptq_act_order(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
+            s, z = params(i1 + i, w1, i)
             qc = (torch.round(w1[:, i] / s) + z).clamp(scheme.qmin, scheme.qmax)
             q[:, i1 + i] = qc.to(torch.int8)
             e = (w1[:, i] - (qc - z) * s) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q
+
+
+def _gptq_act_order(
+    w: torch.Tensor, h: torch.Tensor, scheme: Scheme, gs: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ over columns in decreasing diag(H) order with static (pre-computed, contiguous) groups."""
+    scales, zps = qparams(w, Scheme(scheme.bits, scheme.group_size and gs, scheme.symmetric))
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h[perm][:, perm])), upper=True)
+    col_scale = scales[:, perm // gs]  # (out, cols): each permuted column's own group parameters
+    col_zero = zps[:, perm // gs].float()
+    q = _compensate(
+        w[:, perm], hinv, scheme, block, lambda col, _w1, _i: (col_scale[:, col], col_zero[:, col])
+    )
     q_original_order = torch.empty_like(q)
     q_original_order[:, perm] = q
     return q_original_order, scales, zps
