@@ -29,7 +29,7 @@ def gptq_quantize(
     *,
     damp: float = 0.01,
     block: int = 128,
-    act_order: bool = False,
+    act_order: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q int8 (out, in), scale (out, groups), zero_point int8 (out, groups))."""
     w = weight.detach().float().clone()

@@ -171,7 +171,7 @@ def quantize(
             n: gptq_quantize(net.get_submodule(n).weight, stats[n].h, scheme, act_order=gptq_act_order)
             for n in names
         }
-        details["gptq_act_order"] = gptq_act_order
+        details["gptq_act_order"] = bool(gptq_act_order)
         del stats
     else:
         params = {n: rtn(net.get_submodule(n).weight, scheme) for n in names}
