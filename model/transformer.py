@@ -25,6 +25,7 @@ from torch import nn
 from lmforge.model.config import ModelConfig
 from lmforge.model.fused_loss import fused_linear_cross_entropy
 from lmforge.model.kv_cache import KVCache
+from lmforge.model.varlen import VarlenLayout
 
 
 class RMSNorm(nn.Module):
@@ -126,6 +127,7 @@ class Attention(nn.Module):
         kv_cache: KVCache | None,
         positions: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
+        varlen: VarlenLayout | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -137,6 +139,11 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, positions, k, v)  # (B, K, S, D)
         # enable_gqa lets each group of query heads read its kv head in place (no repeat_interleave copy)
         gqa = self.n_kv_heads != self.n_heads
+        if varlen is not None:  # (1, N) flattened examples: attention on each example's own row
+            y = F.scaled_dot_product_attention(
+                varlen.gather(q), varlen.gather(k), varlen.gather(v), is_causal=True, enable_gqa=gqa
+            )
+            return self.o_proj(varlen.scatter(y))
         if T == 1 and attn_mask is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
             y = decode_attention(q, k, v, attn_mask)
         elif attn_mask is None:
@@ -179,8 +186,9 @@ class Block(nn.Module):
         kv_cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        varlen: VarlenLayout | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, positions, attn_mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, positions, attn_mask, varlen)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -248,8 +256,12 @@ class Transformer(nn.Module):
         last_only: bool = False,  # logits for the last position only (prefill: skips T-1 vocab projections)
         targets: torch.Tensor
         | None = None,  # (B, T) next-token ids (-100 = not scored): return the mean loss
+        varlen: VarlenLayout | None = None,  # input_ids (1, N): several examples flattened (model/varlen.py)
     ) -> torch.Tensor:
         B, T = input_ids.shape
+        flat_row = B == 1 and positions is not None and kv_cache is None and attn_mask is None
+        if varlen is not None and not flat_row:
+            raise ValueError("a varlen batch is one flattened row (1, N) with positions, no KV cache or mask")
         if targets is not None and (last_only or kv_cache is not None):
             raise ValueError("targets (training loss) cannot be combined with last_only or a KV cache")
         if targets is not None and targets.shape != input_ids.shape:
@@ -268,7 +280,7 @@ class Transformer(nn.Module):
             attn_mask = kv_cache.causal_mask(positions)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, kv_cache, positions, attn_mask)
+            x = layer(x, cos, sin, kv_cache, positions, attn_mask, varlen)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

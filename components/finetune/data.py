@@ -21,9 +21,11 @@ Rows (`max_seq_len` positions each):
               to its longest row, so short examples cost little
     packing   examples placed one after another (first fit, in file order) in as few rows as
               possible; a row carries per-position `positions` (restarting at 0 for each example)
-              and `segments` (1, 2, ... per example; 0 for the padding) from which the loss builds
-              the attention mask (causal AND same segment): no token attends across examples
-              and each example sees the positions it would see alone.
+              and `segments` (1, 2, ... per example; 0 for the padding) from which the loss finds
+              the examples: attention runs per example (model/varlen.py), so no token attends
+              across examples and each example sees the positions it would see alone.
+Either way the loss runs on the real tokens only (task.py `varlen_loss`): the padding costs no
+compute, and the two layouts differ only in which examples share a micro-batch.
 
 `SFTDataset` serves the rows as the loop's BatchSource: batches of (inputs, targets, positions,
 segments), each (B, T). The rows follow a per-epoch seeded permutation cut into micro-batches; rank r

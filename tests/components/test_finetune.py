@@ -26,7 +26,7 @@ from lmforge.components.finetune.data import (
     load_examples,
     make_rows,
 )
-from lmforge.components.finetune.task import packed_attention_mask
+from lmforge.components.finetune.task import packed_attention_mask, varlen_loss
 from lmforge.model.checkpoint import load_model_dir, load_state_dict
 from lmforge.model.config import ConfigError, ModelConfig
 from lmforge.model.transformer import Transformer
@@ -176,6 +176,11 @@ def test_packed_loss_equals_separate_losses(tokenizer_dir: Path) -> None:
             total += model(x, targets=t).item() * k
             n += k
     torch.testing.assert_close(packed_loss.item(), total / n, rtol=1e-5, atol=1e-5)
+    # the stage's loss (padding-free: real tokens flattened, attention per example) for both layouts
+    with torch.no_grad():
+        for rows in (packed, padded):
+            batch = (rows.inputs, rows.targets, rows.positions, rows.segments)
+            torch.testing.assert_close(varlen_loss(model, batch).item(), total / n, rtol=1e-5, atol=1e-5)
     # the mask: a token of example 2 sees nothing of example 1
     first = (packed.segments[0] == 1).nonzero().max().item()
     assert not mask[0, 0, first + 1, : first + 1].any()

@@ -67,3 +67,9 @@ def test_stage_model_has_the_savers_applied(tmp_path, base_dir) -> None:
     layers = [m for m in inner.modules() if isinstance(m, QuantizedLinear)]
     assert layers and all("forward" in vars(m) for m in layers)  # every quantized layer patched
     assert not inner.lm_head.weight_packed.requires_grad
+    # the tied base's input embedding is read from the quantized head: no fp32 vocabulary matrix is kept
+    from lmforge.model.quantized import QuantizedEmbedding
+
+    assert inner.head_tied_to_embedding and isinstance(inner.model.embed_tokens, QuantizedEmbedding)
+    fp32 = [n for n, p in inner.named_parameters() if p.dtype == torch.float32 and ".lora_" not in n]
+    assert all("norm" in n for n in fp32), fp32  # only the norms' gains stay in fp32
