@@ -17,7 +17,7 @@ clip 1.0; held-out loss (runs with `hf`): the mean loss over the response tokens
 data/finetune/heldout.jsonl after the last step, computed for both frameworks on the same rows.
 
 Every method runs in its own process, so its memory is its own. Two memory figures:
-  peak_rss_gb        the process's peak resident memory (ru_maxrss): includes the process itself
+  peak_rss_gb        the process's own peak resident memory (VmHWM): includes the process itself
                      (Python, torch / peft / transformers imported, the tokenized data)
   train_mem_gb       peak RSS minus the resident memory right before the model is built (after the
                      imports and the data): what training adds, the CPU analogue of CUDA's
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -70,13 +69,17 @@ def build_base(root: Path, shape: str) -> Path:
 
 
 def _rss_gb() -> float:
-    """The process's resident memory now (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 1e9
+    from lmforge.memory import resident_gb
+
+    return resident_gb()
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    # VmHWM, not ru_maxrss: a child inherits its parent's ru_maxrss on Linux, and this parent
+    # quantizes the base (its peak above some workers') before starting them (lmforge/memory.py)
+    from lmforge.memory import peak_resident_gb
+
+    return peak_resident_gb()
 
 
 def lmforge_worker(method: str, base: Path, out: Path, args: argparse.Namespace) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -172,9 +171,9 @@ def peak_memory(device: str) -> dict[str, Any]:
 
     if device.startswith("cuda"):
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_of": "cuda"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-    return {"peak_memory_mb": mb, "peak_memory_of": "process resident set"}
+    from lmforge.memory import peak_resident_gb
+
+    return {"peak_memory_mb": peak_resident_gb() * 1e9 / 2**20, "peak_memory_of": "process resident set"}
 
 
 # ---- decontamination --------------------------------------------------------------------------

@@ -13,7 +13,6 @@ set of sequences in step s does not depend on the number of workers, and a run r
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -261,15 +260,15 @@ def _resident_memory_gb(env: RunEnv) -> float:
     """GPU memory allocated by torch now, or the process's resident memory now on CPU (Linux; else 0)."""
     if env.device.type == "cuda":
         return torch.cuda.memory_allocated(env.device) / 1e9
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 1e9
-    except OSError:
-        return 0.0
+    from lmforge.memory import resident_gb
+
+    return resident_gb()
 
 
 def _peak_memory_gb(env: RunEnv) -> float:
     """Peak GPU memory allocated by torch, or the process's peak resident memory on CPU."""
     if env.device.type == "cuda":
         return torch.cuda.max_memory_allocated(env.device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+    from lmforge.memory import peak_resident_gb
+
+    return peak_resident_gb()  # this program's own peak (not a parent's: see lmforge/memory.py)
