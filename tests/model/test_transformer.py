@@ -159,3 +159,24 @@ def test_decode_attention_equals_sdpa_with_a_mask(kv_heads):
     mask = (torch.arange(S) < lengths.unsqueeze(1)).view(B, 1, 1, S)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != H)
     torch.testing.assert_close(decode_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_same_values_and_gradients_as_the_plain_expression():
+    from lmforge.model.transformer import swiglu
+
+    torch.manual_seed(0)
+    gate = (torch.randn(6, 40, dtype=torch.float64) * 4).requires_grad_()  # large |gate| too
+    up = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(swiglu, (gate, up))
+    out = swiglu(gate, up)
+    torch.testing.assert_close(out, F.silu(gate) * up)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (gate, up), grad)
+    want = torch.autograd.grad(F.silu(gate) * up, (gate, up), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    # what autograd keeps: gate and up only (silu(gate) is recomputed in backward)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        swiglu(gate, up)
+    assert len(saved) == 2
