@@ -116,7 +116,8 @@ def lmforge_worker(method: str, base: Path, out: Path, args: argparse.Namespace)
             f"lora.target_modules=[{', '.join(LORA)}]",
         ]
         + (["qlora.bits=8"] if method == "qlora" else [])
-        + (["strategy.activation_checkpointing=true"] if args.activation_checkpointing else []),
+        + (["strategy.activation_checkpointing=true"] if args.activation_checkpointing else [])
+        + [f"strategy.release_memory_every={args.release_memory_every}"],
     )
     last = [time.perf_counter()]
 
@@ -217,6 +218,13 @@ def main() -> int:
     parser.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in backward (lmforge)"
     )
+    parser.add_argument(
+        "--release-memory-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="strategy.release_memory_every (lmforge): trim the C heap every N blocks; 0 = off",
+    )
     parser.add_argument("--heldout", action="store_true", help=argparse.SUPPRESS)  # set when hf runs
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -256,6 +264,7 @@ def main() -> int:
             ]
             cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
             cmd += ["--activation-checkpointing"] if args.activation_checkpointing else []
+            cmd += ["--release-memory-every", str(args.release_memory_every)]
             cmd += ["--heldout"] if "hf" in args.methods.split(",") else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -266,6 +275,7 @@ def main() -> int:
             print(json.dumps({"base": label, **results[method]}), flush=True)
         summary: dict = {"base": label, "steps": args.steps, "batch": args.batch, "seq": args.seq}
         summary["activation_checkpointing"] = args.activation_checkpointing
+        summary["release_memory_every"] = args.release_memory_every
         for method in ("lora", "qlora"):
             if method in results and "full" in results:
                 for key in ("peak_rss_gb", "train_mem_gb"):

@@ -187,6 +187,9 @@ class StrategySection:
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     compile: bool = False  # torch.compile each transformer block
     backend: str | None = None  # torch.distributed backend; None = nccl on GPUs, gloo on CPUs
+    # CPU (glibc) only: after every N blocks' forward and before their backward, return the C heap's
+    # free pages to the OS (lmforge/memory.py): lower peak RSS for a slower step; 0 = off
+    release_memory_every: int = 0
 
     def __post_init__(self) -> None:
         _choice("strategy", "name", self.name, STRATEGIES)
@@ -194,6 +197,11 @@ class StrategySection:
             raise ConfigError(f"strategy.zero_stage must be 1, 2 or 3, got {self.zero_stage!r}")
         if self.backend is not None:
             _choice("strategy", "backend", self.backend, ("nccl", "gloo"))
+        if not (isinstance(self.release_memory_every, int) and self.release_memory_every >= 0):
+            raise ConfigError(
+                f"strategy.release_memory_every must be an integer >= 0 (blocks; 0 = off), "
+                f"got {self.release_memory_every!r}"
+            )
 
 
 @dataclass

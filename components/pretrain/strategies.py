@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,13 @@ def prepare(model: Transformer, cfg: PretrainConfig, env: RunEnv) -> TrainingStr
     """Apply the configured transforms and strategy to `model` (on CPU, identical on every rank)."""
     if cfg.strategy.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.strategy.release_memory_every and env.device.type == "cpu":
+        from lmforge.memory import release_memory_between_blocks
+
+        if not release_memory_between_blocks(model.model.layers, cfg.strategy.release_memory_every):
+            warnings.warn(
+                "strategy.release_memory_every: this C library has no malloc_trim; ignored", stacklevel=1
+            )
     if cfg.strategy.compile:
         for block in model.model.layers:
             block.compile()  # in place: parameter names (and so checkpoints) are unchanged
