@@ -238,11 +238,18 @@ class RegistryClient:
             (str(mv.version) for mv in self.client.search_model_versions(f"name='{name}'")), key=int
         )
 
-    def download(self, version: ResolvedVersion, cache_dir: str | os.PathLike | None = None) -> Path:
+    def download(
+        self,
+        version: ResolvedVersion,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        marker_file: str = "config.json",
+    ) -> Path:
         """The version's model directory on local disk (downloaded once per version into the cache,
         atomically: a half-finished download is never mistaken for a model). A cached copy is used
         only when it came from this version's source: another store's version with the same name and
-        number (a registry deleted and filled again) is downloaded afresh."""
+        number (a registry deleted and filled again) is downloaded afresh. `marker_file`: the file that
+        makes the download what the caller expects (`adapter_config.json` for a LoRA adapter version)."""
         import mlflow.artifacts
 
         root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -258,9 +265,10 @@ class RegistryClient:
                     artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.tracking_uri
                 )
             )
-            if not (local / "config.json").is_file():
+            if not (local / marker_file).is_file():
+                what = "LoRA adapter" if marker_file == "adapter_config.json" else "model directory"
                 raise RegistryError(
-                    f"{version.label} ({version.source}) holds no model directory (config.json missing)"
+                    f"{version.label} ({version.source}) holds no {what} ({marker_file} missing)"
                 )
             (local / _COMPLETE).write_text(version.source + "\n")
             if target.exists():

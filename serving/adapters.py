@@ -65,7 +65,8 @@ def check_adapter_name(name: Any, where: str = "adapters") -> str:
 
 
 def parse_adapter_args(items: Iterable[str]) -> dict[str, str]:
-    """`--adapter NAME=DIR` values -> {NAME: DIR}; a malformed or repeated NAME is a UserError."""
+    """`--adapter NAME=DIR` (or NAME=models:/...) values -> {NAME: DIR}; a malformed or repeated NAME
+    is a UserError."""
     out: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -76,6 +77,20 @@ def parse_adapter_args(items: Iterable[str]) -> dict[str, str]:
             raise UserError(f"--adapter {name} is given twice ({out[name]} and {path})")
         out[name] = path
     return out
+
+
+def local_adapter_dir(source: str, tracking_uri: str | None = None, cache_dir: str | None = None) -> str:
+    """An adapter's directory on this machine: `source` itself, or for a registry URI
+    (`models:/NAME@ALIAS`, `models:/NAME/VERSION`: an adapter registered by `lmforge finetune` with
+    `register.model_name`) the version the URI points to now, downloaded once into the registry cache.
+    Called where the adapter is read: before Ray starts (the checks) and on the replica that loads it,
+    so an alias moved in between is followed by the next load (an LRU miss), not by loaded adapters."""
+    if not is_registry_uri(source):
+        return source
+    from lmforge.registry import RegistryClient
+
+    registry = RegistryClient(tracking_uri)
+    return str(registry.download(registry.resolve(source), cache_dir, marker_file=CONFIG_FILE))
 
 
 # ---- reading and checking an adapter directory ----------------------------------------------------

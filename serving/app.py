@@ -281,6 +281,10 @@ def check_models(cfg: ServeConfig, *, local: bool | None = None) -> list[str]:
         warnings.append(f"{primary_error}; serving its fallback {fallback} until it can be loaded")
     if cfg.adapters and local:
         check_adapters(cfg)
+    elif cfg.adapters:  # on a cluster: registry adapters are resolved here, read by the replicas
+        for path in cfg.adapters.values():
+            if is_registry_uri(path):
+                client().resolve(path)
     return warnings
 
 
@@ -288,14 +292,14 @@ def check_adapters(cfg: ServeConfig) -> None:
     """Each adapter directory is a PEFT LoRA adapter for the served model (serving/adapters.py). The
     shapes are checked against a model directory; a registry model is checked by name here and by
     shape in the replicas, once downloaded."""
-    from lmforge.serving.adapters import check_adapter, model_identities
+    from lmforge.serving.adapters import check_adapter, local_adapter_dir, model_identities
 
     base_dir = None if is_registry_uri(cfg.model) else cfg.model
     names = model_identities(cfg.model, base_dir, cfg.served_model_name) | {cfg.model_id}
     for name, path in cfg.adapters.items():
         check_adapter(
             name,
-            path,
+            local_adapter_dir(path, cfg.tracking_uri, cfg.model_cache_dir),
             base_dir=base_dir,
             base_names=names,
             base_label=cfg.model_id,

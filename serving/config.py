@@ -135,8 +135,8 @@ class ServeConfig:
     model_cache_dir: str | None = (
         None  # where registry versions are downloaded (default: ~/.cache/lmforge/models)
     )
-    # LoRA adapters served on top of `model` (serving/adapters.py): NAME -> adapter directory;
-    # a request selects one with "model": "BASE:NAME"
+    # LoRA adapters served on top of `model` (serving/adapters.py): NAME -> adapter directory or a
+    # registry URI of an adapter version (models:/NAME@ALIAS); a request selects one with "model": "BASE:NAME"
     adapters: dict[str, str] = field(default_factory=dict)
     max_adapters_per_replica: int = 2  # loaded (merged) adapters per replica, LRU (Serve multiplexing)
     check_adapter_base: bool = True  # refuse an adapter whose recorded base names another model
@@ -225,7 +225,7 @@ class ServeConfig:
                     name,
                 )
             if not isinstance(path, str) or not path.strip():
-                _fail(f"adapters.{name}", "must be an adapter directory", path)
+                _fail(f"adapters.{name}", "must be an adapter directory or models:/ URI", path)
         if not _is_int(self.max_adapters_per_replica) or self.max_adapters_per_replica < 1:
             _fail("max_adapters_per_replica", "must be an integer >= 1", self.max_adapters_per_replica)
 

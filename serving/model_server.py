@@ -34,6 +34,7 @@ from lmforge.serving.adapters import (
     LoadedAdapter,
     LocalAdapterCache,
     check_adapter,
+    local_adapter_dir,
     merge_adapter,
     model_identities,
 )
@@ -176,7 +177,7 @@ class ModelServer:
         for name, path in self.adapters.items():
             check_adapter(
                 name,
-                path,
+                local_adapter_dir(path, self.cfg.tracking_uri, self.cfg.model_cache_dir),
                 base_dir=info.model_dir,
                 base_names=self._base_names(),
                 base_label=info.label,
@@ -190,7 +191,9 @@ class ModelServer:
 
     def _adapter_runner(self, name: str, base: ModelRunner) -> ModelRunner:
         """Adapter `name` merged into `base`'s weights, with its own engine."""
-        path = self.adapters[name]
+        path = local_adapter_dir(
+            self.adapters[name], self.cfg.tracking_uri, self.cfg.model_cache_dir
+        )  # a registry URI: downloaded
         check_adapter(  # again: the base may have been swapped since the start
             name,
             path,

@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help='serve a PEFT LoRA adapter directory on top of the model; requests select it with "model": '
+        help="serve a PEFT LoRA adapter (a directory or models:/NAME@ALIAS) on top of the model; requests "
+        'select it with "model": '
         '"BASE:NAME" (repeatable; adds to the config\'s adapters; checked against the model before Ray '
         "starts)",
     )

@@ -394,3 +394,57 @@ def test_write_serve_config_carries_the_adapters(tmp_path, model_dir, adapters):
     assert code == 0
     args = yaml.safe_load(out.read_text())["applications"][0]["args"]
     assert args["adapters"] == {"one": str(adapters["one"])} and args["max_adapters_per_replica"] == 3
+
+
+def test_an_adapter_registered_in_mlflow_is_served_by_its_uri(tmp_path, model_dir, adapters, expected):
+    """`adapters: {reg: models:/NAME@ALIAS}`: resolved and downloaded (checked before Ray starts, and
+    again by the replica that loads it), then served like a directory."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("adapters", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(adapters["one"]), "adapter")
+    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("fox-adapter")
+    version = client.create_model_version(
+        "fox-adapter", source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id
+    )
+    client.set_registered_model_alias("fox-adapter", "champion", version.version)
+    cache = str(tmp_path / "cache")
+    cfg = make_config(
+        model_dir, {"reg": "models:/fox-adapter@champion"}, tracking_uri=uri, model_cache_dir=cache
+    )
+    assert check_models(cfg, local=True) == []
+    assert check_models(cfg, local=False) == []  # on a cluster: resolved only
+    server = ModelServer(cfg)
+    try:
+        app = TestClient(create_app(APIService(server.cfg, {"a": LocalBackend(server)})))
+        prompt, n = PROMPTS[0]
+        r = app.post(
+            "/v1/completions",
+            json={"model": f"{MODEL}:reg", "prompt": prompt, "max_tokens": n, "temperature": 0},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected[f"{MODEL}:one", prompt]
+    finally:
+        server.close()
+    # refused before Ray starts: an alias that does not exist, and a version that holds no adapter
+    missing = make_config(
+        model_dir, {"x": "models:/fox-adapter@nope"}, tracking_uri=uri, model_cache_dir=cache
+    )
+    with pytest.raises(UserError, match="cannot resolve models:/fox-adapter@nope"):
+        check_models(missing, local=False)
+    not_adapter = client.create_model_version(
+        "fox-adapter", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    wrong = make_config(
+        model_dir,
+        {"x": f"models:/fox-adapter/{not_adapter.version}"},
+        tracking_uri=uri,
+        model_cache_dir=cache,
+    )
+    with pytest.raises(UserError, match=r"holds no LoRA adapter \(adapter_config.json missing\)"):
+        check_models(wrong, local=True)
