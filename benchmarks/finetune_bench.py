@@ -117,7 +117,8 @@ def lmforge_worker(method: str, base: Path, out: Path, args: argparse.Namespace)
         ]
         + (["qlora.bits=8"] if method == "qlora" else [])
         + (["strategy.activation_checkpointing=true"] if args.activation_checkpointing else [])
-        + [f"strategy.release_memory_every={args.release_memory_every}"],
+        + [f"strategy.release_memory_every={args.release_memory_every}"]
+        + (["ray.use_gpu=true"] if args.device == "cuda" else []),
     )
     last = [time.perf_counter()]
 
@@ -156,21 +157,22 @@ def hf_worker(base: Path, args: argparse.Namespace) -> dict:
     )
     from lmforge.model.checkpoint import read_config
 
+    device = torch.device(args.device)
     enc = load_encoder(base, read_config(base).eos_token_id, need_chat=False)
     examples, _ = load_examples(DATA, DataFormat(), enc, args.seq, "truncate")
     data = SFTDataset(make_rows(examples, args.seq, False, enc.pad_id), seed=0)
     held, _ = load_examples(HELDOUT, DataFormat(), enc, args.seq, "truncate")
     heldout = SFTDataset(make_rows(held, args.seq, False, enc.pad_id), seed=0, shuffle=False)
     torch.manual_seed(0)
-    before_model = _rss_gb()
-    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    before_model = _rss_gb() if device.type == "cpu" else 0.0
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LORA, lora_dropout=0.0))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     times, loss = [], None
     for _ in range(args.steps):
-        inputs, targets, _, _ = data.next_batch(args.batch)
+        inputs, targets, _, _ = (x.to(device) for x in data.next_batch(args.batch))
         t = time.perf_counter()
         logits = model(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -178,12 +180,16 @@ def hf_worker(base: Path, args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    peak = _peak_rss_gb()
+    # on a GPU: torch's peak allocation, as lmforge's train/peak_mem_gb reports it there
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else _peak_rss_gb()
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for inputs, targets, _, _ in heldout.iter_eval_batches(args.batch):
+        for batch in heldout.iter_eval_batches(args.batch):
+            inputs, targets = batch[0].to(device), batch[1].to(device)
             logits = model(input_ids=inputs).logits
             total += float(
                 torch.nn.functional.cross_entropy(
@@ -225,6 +231,9 @@ def main() -> int:
         metavar="N",
         help="strategy.release_memory_every (lmforge): trim the C heap every N blocks; 0 = off",
     )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: memory = torch's peak allocation"
+    )
     parser.add_argument("--heldout", action="store_true", help=argparse.SUPPRESS)  # set when hf runs
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -264,7 +273,7 @@ def main() -> int:
             ]
             cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
             cmd += ["--activation-checkpointing"] if args.activation_checkpointing else []
-            cmd += ["--release-memory-every", str(args.release_memory_every)]
+            cmd += ["--release-memory-every", str(args.release_memory_every), "--device", args.device]
             cmd += ["--heldout"] if "hf" in args.methods.split(",") else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -276,6 +285,7 @@ def main() -> int:
         summary: dict = {"base": label, "steps": args.steps, "batch": args.batch, "seq": args.seq}
         summary["activation_checkpointing"] = args.activation_checkpointing
         summary["release_memory_every"] = args.release_memory_every
+        summary["device"] = args.device
         for method in ("lora", "qlora"):
             if method in results and "full" in results:
                 for key in ("peak_rss_gb", "train_mem_gb"):

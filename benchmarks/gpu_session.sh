@@ -24,3 +24,6 @@ tail -3 "$OUT/pretrain.err" "$OUT/decode.err" "$OUT/adapter.err"
 # issue 13: batched perplexity scoring vs one document at a time, on the GPU (the CPU bound is in RESULTS.md)
 timeout 120 python3 benchmarks/eval_throughput.py --device cuda --doc-tokens 64 --batch-size 32 2>>"$OUT/eval.err" | tee "$OUT/eval_gpu.jsonl"
 timeout 120 python3 benchmarks/eval_throughput.py --device cuda --batch-size 16 2>>"$OUT/eval.err" | tee -a "$OUT/eval_gpu.jsonl"
+# issue 15: LoRA / QLoRA-int8 / full training memory (torch's peak allocation) and LoRA vs transformers + peft
+# step time, random weights of the SmolLM2-135M shape (the real weights are not carried to the device)
+timeout 150 python3 benchmarks/finetune_bench.py --device cuda --base random --methods lora,qlora,full,hf --steps 6 2>"$OUT/finetune.err" | tee "$OUT/finetune_gpu.jsonl"
