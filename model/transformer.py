@@ -170,11 +170,14 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
+        dtype = gate.dtype
+        # in fp32 for half-precision inputs, as torch's own silu backward computes (one rounding at the end)
+        g = gate.float() if dtype in (torch.bfloat16, torch.float16) else gate
+        sig = torch.sigmoid(g)
+        silu = g * sig
         # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
         grad_gate = grad * up * (sig + silu * (1 - sig))
-        return grad_gate, grad * silu
+        return grad_gate.to(dtype), (grad * silu).to(dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
