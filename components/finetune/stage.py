@@ -48,7 +48,13 @@ from lmforge.components.pretrain.tracking import (
 )
 from lmforge.config import to_dict
 from lmforge.errors import InputNotFoundError
-from lmforge.model.checkpoint import copy_tokenizer_files, load_state_dict, read_config, save_model_dir
+from lmforge.model.checkpoint import (
+    copy_tokenizer_files,
+    load_state_dict,
+    read_config,
+    save_model_dir,
+    weights_sha256,
+)
 from lmforge.model.config import ConfigError, ModelConfig
 
 ADAPTER_ARTIFACT = "adapter"  # where the adapter sits in the MLflow run's artifacts
@@ -93,6 +99,15 @@ def finetune(
     train_cfg = cfg.to_train_config()
     start = checkpointing.resolve_resume(resume, cfg.checkpoints_dir(), cfg.checkpoint.storage)
     previous = checkpointing.read_state(start) if start is not None else {}
+    # LoRA / QLoRA checkpoints hold the adapters, not the frozen base: resume only onto the same base
+    base_sha256 = weights_sha256(prep.task.base_dir) if cfg.method != "full" else None
+    recorded = previous.get("finetune", {}).get("base_sha256")
+    if recorded and base_sha256 and recorded != base_sha256:
+        raise checkpointing.CheckpointError(
+            f"checkpoint {start} was trained on another base model: the weights of "
+            f"{prep.task.base_dir} changed since (sha256 {base_sha256[:12]}..., the checkpoint "
+            f"recorded {recorded[:12]}...); resume with the base it was trained on"
+        )
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +122,11 @@ def finetune(
         tracker.client.set_tag(tracker.run_id, "lmforge.base_model", prep.task.base_reference)
     info = {
         "config": config_dict,
-        "finetune": {"base_model": prep.task.base_reference, "method": cfg.method},
+        "finetune": {
+            "base_model": prep.task.base_reference,
+            "method": cfg.method,
+            "base_sha256": base_sha256,
+        },
         "mlflow_run_id": tracker.run_id,
         "mlflow_tracking_uri": tracker.tracking_uri,
     }
@@ -343,13 +362,16 @@ def trained_model(prep: Prepared, checkpoint: Path) -> Any:
     state = read_state(checkpoint)
     if state["strategy"] != "ddp":  # pragma: no cover - the config allows ddp only
         raise checkpointing.CheckpointError(f"{checkpoint}: cannot export a {state['strategy']} checkpoint")
-    weights = load_state_dict(checkpoint / "model")
     base = load_base(prep.task.base_dir, prep.cfg.method)
     if prep.cfg.method == "full":
-        load_weights(base, weights, where=str(checkpoint))
+        load_weights(base, load_state_dict(checkpoint / "model"), where=str(checkpoint))
         return base.eval()
     model = build_peft_model(base, prep.cfg, prep.task.base_reference)
-    load_weights(model.base_model.model, weights, where=str(checkpoint))
+    trainable = checkpoint / checkpointing.TRAINABLE_FILE
+    if trainable.is_file():  # the adapters (the frozen base comes from the base model directory)
+        checkpointing.load_trainable(model.base_model.model, trainable, where=str(trainable))
+    else:  # a checkpoint written before trainable-only checkpoints: the whole model
+        load_weights(model.base_model.model, load_state_dict(checkpoint / "model"), where=str(checkpoint))
     return model.eval()
 
 

@@ -29,7 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.components.pretrain.checkpointing import load_weights
+from lmforge.components.pretrain.checkpointing import (
+    TRAINABLE_FILE,
+    has_frozen_parameters,
+    load_trainable,
+    load_weights,
+    save_trainable,
+)
 from lmforge.components.pretrain.config import PretrainConfig
 from lmforge.components.pretrain.env import RunEnv
 from lmforge.components.pretrain.optim import build_optimizer, param_groups
@@ -134,11 +140,17 @@ class DDPStrategy(_TorchStrategy):
 
     def save(self, stage: Path) -> None:
         if self.env.rank == 0:  # every rank holds the same model and optimizer state
-            save_model_dir(self.module, stage / "model")
+            if has_frozen_parameters(self.module):  # LoRA / QLoRA: the frozen base is not copied
+                save_trainable(self.module, stage / TRAINABLE_FILE)
+            else:
+                save_model_dir(self.module, stage / "model")
             torch.save(self.optimizer.state_dict(), stage / "optimizer.pt")
 
     def load(self, path: Path) -> None:
-        load_weights(self.module, load_state_dict(path / "model"), where=str(path / "model"))
+        if (path / TRAINABLE_FILE).is_file():
+            load_trainable(self.module, path / TRAINABLE_FILE, where=str(path / TRAINABLE_FILE))
+        else:
+            load_weights(self.module, load_state_dict(path / "model"), where=str(path / "model"))
         self.optimizer.load_state_dict(
             torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         )

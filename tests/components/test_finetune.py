@@ -7,12 +7,13 @@ test_finetune_ray.py."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from _finetune_data import build_base, instruction_records, make_config, write_jsonl
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lmforge.components.finetune.config import load_finetune_config
 from lmforge.components.finetune.data import (
@@ -222,9 +223,19 @@ def test_dataset_order_independent_of_workers_and_resumable() -> None:
 
 
 # ---- end to end, in-process -----------------------------------------------------------------
+TRAINED: dict[str, torch.nn.Module] = {}  # the live model of the last in-process run, by test
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, base_dir: Path, train_file: Path):
     from lmforge.components.finetune.stage import finetune
+    from lmforge.components.finetune.task import FinetuneTask
+
+    build = FinetuneTask.build_model
+
+    def keep(self, cfg, model_cfg):  # in-process: the model the loop trains, kept for the tests
+        TRAINED["lora"] = build(self, cfg, model_cfg)
+        return TRAINED["lora"]
 
     root = tmp_path_factory.mktemp("lora")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -238,7 +249,9 @@ def lora_run(tmp_path_factory, base_dir: Path, train_file: Path):
         "register.model_name=fox-adapter",
         "packing=true",
     )
-    return finetune(cfg), uri
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FinetuneTask, "build_model", keep)
+        return finetune(cfg), uri
 
 
 def test_lora_writes_a_peft_adapter_recording_the_base(lora_run, base_dir: Path) -> None:
@@ -261,12 +274,18 @@ def test_lora_writes_a_peft_adapter_recording_the_base(lora_run, base_dir: Path)
 def test_only_adapter_parameters_change(lora_run, base_dir: Path) -> None:
     result, _ = lora_run
     base = load_state_dict(base_dir)
-    trained = load_state_dict(result.checkpoint_dir / "model")
+    trained = TRAINED["lora"].state_dict()  # the model as the loop left it
+    assert any(".lora_" in name for name in trained)
     for name, tensor in trained.items():
-        if ".lora_" in name:
+        if ".lora_" in name or name == "lm_head.weight":  # (tied: stored as the embedding)
             continue
         original = base[name.replace(".base_layer.", ".")]
         assert torch.equal(tensor, original), f"{name} changed"
+    # so the checkpoint holds the trainable parameters (the adapters) only, not a copy of the base
+    assert not (result.checkpoint_dir / "model").exists()
+    saved = load_file(result.checkpoint_dir / "trainable.safetensors")
+    assert saved and all(".lora_" in k for k in saved)
+    assert saved.keys() == {k for k, v in TRAINED["lora"].named_parameters() if v.requires_grad}
 
 
 def test_adapter_loads_with_peft_onto_the_hf_export_same_logits(lora_run, base_dir: Path) -> None:
@@ -348,6 +367,18 @@ def test_exact_resume(tmp_path: Path, base_dir: Path, train_file: Path) -> None:
     a = load_file(straight.adapter_dir / "adapter_model.safetensors")
     b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the checkpoint holds no base: resuming onto other base weights is refused (before Ray starts)
+    from lmforge.components.pretrain.checkpointing import CheckpointError, consolidate
+
+    other = tmp_path / "other-base"
+    shutil.copytree(base_dir, other)
+    state = load_state_dict(other)
+    state["model.norm.weight"] = state["model.norm.weight"] * 2
+    save_file(state, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="trained on another base model"):
+        finetune(make_config(other, train_file, tmp_path / "c"), resume=str(middle))
+    with pytest.raises(CheckpointError, match="holds only the trainable parameters"):
+        consolidate(middle, tmp_path / "whole")
 
 
 def test_full_finetune_writes_a_model(tmp_path: Path, base_dir: Path, train_file: Path) -> None:
@@ -421,13 +452,20 @@ def test_bad_input_refused_before_ray(
 
 # ---- QLoRA: adapters over a frozen int8 / int4 base from `lmforge quantize` -----------------
 @pytest.mark.parametrize(("method", "bits"), [("int8", 8), ("int4", 4)])
-def test_qlora_trains_adapters_over_the_quantized_base(tmp_path, base_dir, train_file, method, bits) -> None:
+def test_qlora_trains_adapters_over_the_quantized_base(
+    tmp_path, base_dir, train_file, method, bits, monkeypatch
+) -> None:
     from lmforge.components.finetune.stage import finetune
+    from lmforge.components.finetune.task import FinetuneTask
     from lmforge.components.quantize.stage import quantize
 
     quantized = quantize(
         base_dir, tmp_path / "q", method=method, group_size=16
     ).output_dir  # 16 divides d_ff=176
+    build = FinetuneTask.build_model
+    monkeypatch.setattr(
+        FinetuneTask, "build_model", lambda *a: TRAINED.__setitem__("qlora", build(*a)) or TRAINED["qlora"]
+    )
     result = finetune(
         make_config(
             quantized,
@@ -442,9 +480,12 @@ def test_qlora_trains_adapters_over_the_quantized_base(tmp_path, base_dir, train
     assert weights and all(".lora_" in k for k in weights)
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
     base = load_state_dict(quantized)
-    for name, tensor in load_state_dict(result.checkpoint_dir / "model").items():
+    trained = TRAINED["qlora"].state_dict()  # the model as the loop left it
+    assert sum(".lora_" not in n for n in trained) >= len(base) - 1  # (the embedding is read from the head)
+    for name, tensor in trained.items():
         if ".lora_" not in name:  # the int weights, scales and the rest: bit-identical
             assert torch.equal(tensor, base[name.replace(".base_layer.", ".")]), name
+    assert all(".lora_" in k for k in load_file(result.checkpoint_dir / "trainable.safetensors"))
     wrong = 4 if bits == 8 else 8
     with pytest.raises(ConfigError, match=f"qlora.bits={wrong} but the base"):
         finetune(make_config(quantized, train_file, tmp_path / "o2", "method=qlora", f"qlora.bits={wrong}"))
