@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.errors import UserError
-from lmforge.model.checkpoint import load_model_dir, save_model_dir
+from lmforge.model.checkpoint import current_umask, load_model_dir, save_model_dir
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
@@ -358,6 +358,9 @@ def save_trainable(model: torch.nn.Module, path: Path) -> None:
 
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, str(path), metadata={"format": "pt", "content": "lmforge trainable parameters"})
+    os.chmod(
+        path, 0o666 & ~current_umask()
+    )  # safetensors writes 0600; the rest of a checkpoint follows the umask
 
 
 def load_trainable(model: torch.nn.Module, path: Path, where: str) -> None:

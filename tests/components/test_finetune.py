@@ -284,6 +284,9 @@ def test_only_adapter_parameters_change(lora_run, base_dir: Path) -> None:
     # so the checkpoint holds the trainable parameters (the adapters) only, not a copy of the base
     assert not (result.checkpoint_dir / "model").exists()
     saved = load_file(result.checkpoint_dir / "trainable.safetensors")
+    assert (
+        result.checkpoint_dir / "trainable.safetensors"
+    ).stat().st_mode & 0o044  # readable as the umask says
     assert saved and all(".lora_" in k for k in saved)
     assert saved.keys() == {k for k, v in TRAINED["lora"].named_parameters() if v.requires_grad}
 
