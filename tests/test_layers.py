@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = ["errors", "config", "tracking", "registry", "tokenizer_files", "devices", "ray_logs", "storage", "memory"]
+CORE = [
+    "errors",
+    "config",
+    "tracking",
+    "registry",
+    "tokenizer_files",
+    "devices",
+    "ray_logs",
+    "storage",
+    "memory",
+]
 
 # folder -> lmforge subpackages its modules must never import
 FORBIDDEN = {
