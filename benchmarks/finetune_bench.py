@@ -8,7 +8,7 @@ base, LoRA config, data, batch and optimizer, in one run.
     python benchmarks/finetune_bench.py --base random --shape small      # random weights of a shape
     python benchmarks/finetune_bench.py --methods lora,qlora,full --steps 2 --activation-checkpointing
     python benchmarks/finetune_bench.py --methods lora,qlora,full --steps 3 --release-memory-every 1
-    python benchmarks/finetune_bench.py --device cuda --base random      # on a GPU (benchmarks/gpu_session.sh)
+    python benchmarks/finetune_bench.py --device cuda --base random      # on a GPU (gpu_session.sh)
 
 The base: `--base DIR` (an lmforge model directory); by default the real SmolLM2-135M-Instruct that
 `python scripts/fetch_smollm2.py` writes (~/.cache/lmforge/models/smollm2-135m-instruct), else
