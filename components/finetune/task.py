@@ -279,14 +279,6 @@ def apply_scored_positions_only(model: Transformer) -> Transformer:
     return model
 
 
-def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool, True = may attend: causal, and only within the same example (segment)."""
-    T = segments.shape[1]
-    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    return (same & causal).unsqueeze(1)
-
-
 def data_format(cfg: FinetuneConfig):
     from lmforge.components.finetune.data import DataFormat
 

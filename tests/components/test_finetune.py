@@ -27,7 +27,7 @@ from lmforge.components.finetune.data import (
     load_examples,
     make_rows,
 )
-from lmforge.components.finetune.task import packed_attention_mask, varlen_loss
+from lmforge.components.finetune.task import varlen_loss
 from lmforge.model.checkpoint import load_model_dir, load_state_dict
 from lmforge.model.config import ConfigError, ModelConfig
 from lmforge.model.transformer import Transformer
@@ -155,6 +155,13 @@ def test_overlong_examples_truncated_or_dropped_and_counted(tmp_path: Path, toke
 
 
 # ---- packing: no attention across examples --------------------------------------------------
+def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The dense reference: (B, 1, T, T) bool, True = may attend: causal, and within the same example."""
+    T = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & torch.ones(T, T, dtype=torch.bool).tril()).unsqueeze(1)
+
+
 def test_packed_loss_equals_separate_losses(tokenizer_dir: Path) -> None:
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny", vocab_size=400, n_layers=2)).eval()
