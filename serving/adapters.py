@@ -71,7 +71,10 @@ def parse_adapter_args(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not path.strip():
-            raise UserError(f"--adapter {item!r} must look like NAME=DIR (e.g. support=out/ft/adapter)")
+            raise UserError(
+                f"--adapter {item!r} must look like NAME=DIR or NAME=models:/MODEL@ALIAS "
+                "(e.g. support=out/ft/adapter)"
+            )
         check_adapter_name(name, "--adapter")
         if name in out:
             raise UserError(f"--adapter {name} is given twice ({out[name]} and {path})")
